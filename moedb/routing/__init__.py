@@ -1,0 +1,1 @@
+"""Pure NumPy / hnswlib routing core: no database I/O in this package."""

@@ -1,0 +1,91 @@
+"""Plain result types returned by the library (no behaviour, JSON-friendly)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+
+@dataclass
+class Expert:
+    """An expert as stored in the file.
+
+    ``centroid`` is the mean of the current member vectors, shape ``(d,)`` float32,
+    or ``None`` for an expert without documents.
+    """
+
+    name: str
+    description: str = ""
+    keywords: list[str] = field(default_factory=list)
+    parent: Optional[str] = None
+    size: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+    generator: Optional[dict[str, Any]] = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    centroid: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("centroid", None)
+        return d
+
+
+@dataclass
+class ExpertScore:
+    """One expert's routing outcome. ``score`` is the raw gate score, ``confidence`` a probability."""
+
+    name: str
+    score: float
+    confidence: float
+    components: Optional[dict[str, float]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"name": self.name, "score": self.score, "confidence": self.confidence}
+        if self.components is not None:
+            d["components"] = dict(self.components)
+        return d
+
+
+@dataclass
+class Hit:
+    """One retrieved passage; ``score`` is the cosine similarity to the query."""
+
+    expert: str
+    id: str
+    text: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RouteResult:
+    """The outcome of :meth:`moedb.Database.route`."""
+
+    query: str
+    experts: list[ExpertScore]
+    hits: list[Hit]
+    query_id: Optional[int] = None
+    latency_ms: float = 0.0
+    abstained: bool = False
+    path: list[str] = field(default_factory=list)
+    explanation: Optional[dict[str, Any]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "query": self.query,
+            "query_id": self.query_id,
+            "abstained": self.abstained,
+            "experts": [e.to_dict() for e in self.experts],
+            "hits": [h.to_dict() for h in self.hits],
+            "latency_ms": self.latency_ms,
+            "path": list(self.path),
+        }
+        if self.explanation is not None:
+            d["explanation"] = self.explanation
+        return d

@@ -1,0 +1,53 @@
+"""Vector encoding and validation. Vectors are stored as little-endian float32 (``<f4``) bytes."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import DimensionMismatch, InvalidVector
+
+F4 = np.dtype("<f4")
+
+
+def to_blob(v: np.ndarray) -> bytes:
+    """Encode a vector of shape ``(d,)`` as ``<f4`` bytes."""
+    return np.ascontiguousarray(v, dtype=F4).tobytes()
+
+
+def from_blob(b: bytes) -> np.ndarray:
+    """Decode ``<f4`` bytes into a float32 array of shape ``(d,)``."""
+    return np.frombuffer(b, dtype=F4).astype(np.float32, copy=False)
+
+
+def as_matrix(vectors, dim: int | None, what: str = "vectors") -> np.ndarray:
+    """Validate and convert to a float32 matrix of shape ``(n, dim)``.
+
+    Raises :class:`InvalidVector` on a wrong shape or non-finite values and
+    :class:`DimensionMismatch` when ``dim`` is given and differs.
+    """
+    try:
+        a = np.asarray(vectors, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InvalidVector(f"{what}: not numeric ({e})") from None
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise InvalidVector(f"{what}: expected shape (n, d), got {a.shape}")
+    if a.shape[1] == 0:
+        raise InvalidVector(f"{what}: zero-length vector")
+    if dim is not None and a.shape[1] != dim:
+        raise DimensionMismatch(
+            f"{what}: dimension {a.shape[1]} does not match the file's embedding dimension {dim}"
+        )
+    bad = ~np.isfinite(a).all(axis=1)
+    if bad.any():
+        raise InvalidVector(f"{what}: row {int(np.flatnonzero(bad)[0])} contains NaN or infinity")
+    return a.astype(np.float32)
+
+
+def normalize(a: np.ndarray) -> np.ndarray:
+    """L2-normalise rows of ``a`` (shape ``(n, d)`` or ``(d,)``); zero rows raise InvalidVector."""
+    a = np.asarray(a, dtype=np.float32)
+    norms = np.linalg.norm(a, axis=-1, keepdims=True)
+    if np.any(norms == 0):
+        raise InvalidVector("zero vector cannot be normalised")
+    return (a / norms).astype(np.float32)
