@@ -13,6 +13,9 @@ from .chunk import Passage, iter_files, read_passages
 from .embed import CallableEmbedder, SentenceTransformerEmbedder, VectorsOnly, check_texts, resolve
 from .errors import ConfigError, EmbedderMismatch, InvalidInput, MoedbError, UnknownExpert
 from .routing.gating import select, softmax
+from .analytics import AnalyticsMixin
+from .ask import AskMixin
+from .lifecycle import LifecycleMixin
 from .types import Expert, ExpertScore, Hit, RouteResult
 from .vectors import as_matrix, normalize, to_blob
 
@@ -47,7 +50,7 @@ def _check_name(name: Any, what: str = "expert name") -> str:
     return name
 
 
-class Database:
+class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
     """An open moedb file. Create with :func:`moedb.connect`."""
 
     def __init__(self, path: str = "moedb.db", embedder: Any = None, *, log_queries: Optional[bool] = None,

@@ -20,6 +20,9 @@ import apsw
 import numpy as np
 
 from .errors import DuplicateDocument, DuplicateExpert, MoedbError, SchemaError, UnknownExpert
+from .db_generation import GenerationSQL
+from .db_lifecycle import LifecycleSQL
+from .db_routing import RoutingSQL
 from .vectors import F4
 
 _MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -45,7 +48,7 @@ def migrations() -> list[tuple[int, str, str, str]]:
     return out
 
 
-class Store:
+class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
     """Low-level access to a moedb file. Not thread-safe for writes without :meth:`atomic`."""
 
     def __init__(self, path: str, busy_timeout_ms: int = 30_000):
