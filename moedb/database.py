@@ -375,6 +375,15 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
         conf = softmax(scores, self._settings["temperature"])
         return routable, scores, conf
 
+    def refit_router(self) -> dict[str, Any]:
+        """Refit the gate from the experts' documents and the feedback; returns fit figures.
+
+        The first router (cosine to centroids) has nothing to learn: it only drops its cache.
+        """
+        self._router_cache = None
+        self._touch()
+        return {}
+
     def _retrieve(self, q: np.ndarray, rows: list[dict], k: int) -> list[tuple[float, int, dict]]:
         """Best ``k`` (score, rowid, expert row) inside the given experts."""
         cands: list[tuple[float, int, dict]] = []
