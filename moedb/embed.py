@@ -164,6 +164,8 @@ def resolve(embedder: Any) -> Embedder:
         return SentenceTransformerEmbedder(embedder)
     if isinstance(embedder, (SentenceTransformerEmbedder, CallableEmbedder, VectorsOnly)):
         return embedder
+    if getattr(embedder, "kind", None) == "onnx-minilm" and hasattr(embedder, "embed"):
+        return embedder  # the ONNX runtime of the bundled model: keep it (the file records it as the model)
     if hasattr(embedder, "embed"):
         return CallableEmbedder(embedder)
     raise ConfigError(f"embedder: expected None, a model name or path, or an object with embed(); got {embedder!r}")
