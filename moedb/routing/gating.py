@@ -1,5 +1,7 @@
-"""Gating primitives: cosine scores, temperature softmax, top-k selection with abstention."""
+"""Gating primitives: temperature softmax, log-softmax, top-k selection with abstention and balancing bias."""
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -17,6 +19,14 @@ def softmax(x: np.ndarray, temperature: float = 1.0, axis: int = -1) -> np.ndarr
     e = np.exp(z - m)
     s = e.sum(axis=axis, keepdims=True)
     return e / np.where(s > 0, s, 1.0)
+
+
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``log(softmax(x))`` computed stably; same shape as ``x`` (float64)."""
+    z = np.asarray(x, dtype=np.float64)
+    m = np.max(z, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return z - m - np.log(np.exp(z - m).sum(axis=axis, keepdims=True))
 
 
 def cosine_scores(queries: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -37,16 +47,55 @@ def top_k(conf: np.ndarray, k: int) -> np.ndarray:
     k = min(int(k), e)
     if k <= 0:
         return np.zeros((n, 0), dtype=np.int64)
-    # stable sort on -conf keeps lower index first among ties
+    if k < e and e > 64:
+        # partial selection first, then a stable sort of the small candidate set
+        part = np.argpartition(-conf, k - 1, axis=1)[:, :k]
+        rows = np.arange(n)[:, None]
+        # argpartition breaks ties arbitrarily: widen to every column tied with the k-th value
+        kth = conf[rows, part].min(axis=1, keepdims=True)
+        out = np.empty((n, k), dtype=np.int64)
+        for i in range(n):
+            cand = np.flatnonzero(conf[i] >= kth[i, 0])
+            order = np.argsort(-conf[i, cand], kind="stable")
+            out[i] = cand[order[:k]]
+        return out
     return np.argsort(-conf, axis=1, kind="stable")[:, :k]
 
 
-def select(conf: np.ndarray, k: int, min_confidence: float) -> list[np.ndarray]:
-    """Per row, the top-``k`` expert indices whose confidence is >= ``min_confidence``.
+def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.ndarray] = None,
+           logits: Optional[np.ndarray] = None, blocked: Optional[np.ndarray] = None) -> list[np.ndarray]:
+    """Per row, up to ``k`` expert indices; an empty array means the router abstains on that query.
 
-    An empty array for a row means the router abstains on that query.
+    ``conf`` ``(n, E)``: calibrated confidences. A row abstains when its best confidence is below
+    ``min_confidence``. Otherwise the candidates are the experts with confidence >= ``min_confidence``
+    (never fewer than the best one), ranked by ``logits + bias`` when a selection ``bias`` ``(E,)`` is
+    given (the bias moves *which* experts are chosen, not their confidences), else by ``conf``.
+    ``blocked`` ``(E,)`` bool masks experts at capacity unless no other candidate is left.
     """
-    idx = top_k(conf, k)
-    rows = np.arange(conf.shape[0])[:, None]
-    keep = conf[rows, idx] >= min_confidence
-    return [idx[i][keep[i]] for i in range(conf.shape[0])]
+    conf = np.asarray(conf, dtype=np.float64)
+    n, e = conf.shape
+    if e == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in range(n)]
+    if bias is None and blocked is None:
+        idx = top_k(conf, k)
+        rows = np.arange(n)[:, None]
+        best = conf[rows[:, 0], idx[:, 0]]
+        keep = conf[rows, idx] >= min_confidence
+        return [idx[i][keep[i]] if best[i] >= min_confidence else idx[i][:0] for i in range(n)]
+    rank = np.asarray(logits if logits is not None else np.log(np.maximum(conf, 1e-300)), dtype=np.float64)
+    if bias is not None:
+        rank = rank + np.asarray(bias, dtype=np.float64)[None, :]
+    out = []
+    for i in range(n):
+        best = int(np.argmax(conf[i]))
+        if conf[i, best] < min_confidence:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        ok = conf[i] >= min_confidence
+        ok[best] = True
+        if blocked is not None and (ok & ~blocked).any():
+            ok &= ~blocked
+        cand = np.flatnonzero(ok)
+        order = np.argsort(-rank[i, cand], kind="stable")[:k]
+        out.append(cand[order].astype(np.int64))
+    return out

@@ -1,0 +1,215 @@
+"""The hybrid gate: several centroids per expert + a learned softmax gate + a lexical signal.
+
+The three signals are combined log-linearly, ``z_e = a_c * centroid_e + a_g * gate_e + a_l * lexical_e``,
+and ``softmax(z)`` is the confidence. The weights ``a`` (their scale is the temperature) are fitted by
+cross-fitting: each expert's documents are split into folds, the signals are learned without one
+fold and scored on it, and ``a`` minimises the negative log-likelihood of those held-out predictions.
+The abstention threshold is the ``refuse_rate`` quantile of the held-out top-1 confidences, so about
+that share of in-scope queries is refused. Then every signal is refitted on all documents.
+
+Fitting imports SciPy; applying a fitted gate is NumPy only, and its state is plain arrays.
+"""
+from __future__ import annotations
+
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .calibration import abstain_threshold, ece, fit_mix
+from .gating import log_softmax, softmax
+from .kmeans import max_per_owner, multi_centroids
+from .lexical import LexicalIndex
+from .logreg import SoftmaxRegression
+
+COMPONENTS = ("centroid", "gate", "lexical")
+FORMAT = 1
+
+
+class HybridGate:
+    """Fit with :meth:`fit`; score with :meth:`components` / :meth:`logits` / :meth:`confidence`.
+
+    Learned state (``E`` experts, ``M`` centroids, ``d`` dimensions): ``centroids_`` ``(M, d)``,
+    ``owner_`` ``(M,)``, ``coef_`` ``(d, E)``, ``intercept_`` ``(E,)``, ``lex_`` (a :class:`LexicalIndex`
+    or ``None``), ``mix_`` ``(3,)``, ``threshold_`` (float), ``figures_`` (dict).
+    """
+
+    def __init__(self, l2: float = 1e-4, folds: int = 3, refuse_rate: float = 0.03, docs_per_centroid: int = 25,
+                 max_centroids: int = 8, max_fit_docs: int = 2000, lexical: bool = True, max_iter: int = 300,
+                 seed: int = 0):
+        self.l2 = l2
+        self.folds = folds
+        self.refuse_rate = refuse_rate
+        self.docs_per_centroid = docs_per_centroid
+        self.max_centroids = max_centroids
+        self.max_fit_docs = max_fit_docs
+        self.lexical = lexical
+        self.max_iter = max_iter
+        self.seed = seed
+
+    # ------------------------------------------------------------------ fitting
+    def _signals(self, groups, texts, keywords, descriptions, fb, warm):
+        """Fit the three signals on ``groups`` (list of ``(n_e, d)``); returns (centroids, owner, lr, lex)."""
+        E = len(groups)
+        C, owner = multi_centroids(groups, self.docs_per_centroid, self.max_centroids, self.seed)
+        X = np.concatenate([g for g in groups if len(g)]).astype(np.float32)
+        y = np.concatenate([np.full(len(g), e, dtype=np.int64) for e, g in enumerate(groups) if len(g)])
+        # every expert weighs the same in the gate, whatever its size (a prior, not a popularity contest)
+        counts = np.bincount(y, minlength=E).astype(np.float64)
+        w = (len(y) / (E * counts))[y] if E else np.ones(len(y))
+        Xf, ef, rf = fb
+        pos = rf > 0
+        if pos.any():
+            X = np.concatenate([X, Xf[pos]])
+            y = np.concatenate([y, ef[pos]])
+            w = np.concatenate([w, rf[pos]])
+        neg = rf < 0
+        lr = SoftmaxRegression(self.l2, self.max_iter).fit(
+            X, y, E, sample_weight=w, X_neg=Xf[neg] if neg.any() else None, y_neg=ef[neg] if neg.any() else None,
+            w_neg=-rf[neg] if neg.any() else None, warm_start=warm)
+        lex = None
+        if self.lexical and texts is not None:
+            lex = LexicalIndex().fit(texts, keywords or (), descriptions or ())
+        return C, owner, lr, lex
+
+    def fit(self, groups: Sequence[np.ndarray], texts: Optional[Sequence[Sequence[str]]] = None,
+            keywords: Sequence[Sequence[str]] = (), descriptions: Sequence[str] = (),
+            feedback: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
+            warm_start: Optional[tuple[np.ndarray, np.ndarray]] = None) -> "HybridGate":
+        """``groups[e]``: unit document vectors ``(n_e, d)`` of expert ``e`` (every ``n_e >= 1``);
+        ``texts[e]``: the same documents' texts (``None`` disables the lexical signal);
+        ``feedback``: ``(vectors (m, d), expert index (m,), reward (m,))``;
+        ``warm_start``: ``(coef (d, E), intercept (E,))`` to start the final gate fit from.
+        """
+        rng = np.random.default_rng(self.seed)
+        E = len(groups)
+        d = groups[0].shape[1]
+        groups = [np.asarray(g, dtype=np.float32) for g in groups]
+        # cap the documents used per expert (a broad expert does not need all of them to be learned)
+        keep = [np.sort(rng.permutation(len(g))[:self.max_fit_docs]) for g in groups]
+        groups = [g[k] for g, k in zip(groups, keep)]
+        if texts is not None:
+            texts = [[t[i] for i in k] for t, k in zip(texts, keep)]
+        fb = feedback if feedback is not None else (np.zeros((0, d), np.float32), np.zeros(0, np.int64), np.zeros(0))
+        fb = (np.asarray(fb[0], np.float32).reshape(-1, d), np.asarray(fb[1], np.int64), np.asarray(fb[2], np.float64))
+        lexical_on = self.lexical and texts is not None
+        figures: dict = {"experts": E, "documents": int(sum(len(g) for g in groups)), "feedback": int(len(fb[2]))}
+        # ---- cross-fitted held-out signals
+        K = int(self.folds)
+        fold = [rng.permutation(len(g)) % K if len(g) >= 2 and K >= 2 else np.full(len(g), -1) for g in groups]
+        held_F: list[list[np.ndarray]] = [[], [], []]
+        held_y: list[np.ndarray] = []
+        for f in range(K if K >= 2 else 0):
+            tr = [g[fo != f] for g, fo in zip(groups, fold)]
+            te = [g[fo == f] for g, fo in zip(groups, fold)]
+            if not any(len(t) for t in te):
+                continue
+            tr_texts = [[t for t, fo_i in zip(tx, fo) if fo_i != f] for tx, fo in zip(texts, fold)] if lexical_on else None
+            te_texts = [t for tx, fo in zip(texts, fold) for t, fo_i in zip(tx, fo) if fo_i == f] if lexical_on else None
+            C, owner, lr, lex = self._signals(tr, tr_texts, keywords, descriptions, fb, None)
+            Q = np.concatenate([t for t in te if len(t)])
+            held_y.append(np.concatenate([np.full(len(t), e) for e, t in enumerate(te) if len(t)]))
+            held_F[0].append(max_per_owner(Q @ C.T, owner, E))
+            held_F[1].append(lr.log_proba(Q))
+            held_F[2].append(lex.score(te_texts) if lex is not None else np.zeros((len(Q), E), np.float32))
+        if held_y and E >= 2:
+            y = np.concatenate(held_y)
+            F = [np.concatenate(f) for f in held_F]
+            mix = fit_mix(F if lexical_on else F[:2], y)
+            if not lexical_on:
+                mix = np.r_[mix, 0.0]
+            z = sum(a * f for a, f in zip(mix, F))
+            P = softmax(z)
+            top = P.max(axis=1)
+            pred = P.argmax(axis=1)
+            self.threshold_ = abstain_threshold(top, self.refuse_rate)
+            figures.update(heldout=int(len(y)), heldout_accuracy=float((pred == y).mean()),
+                           heldout_ece=ece(top, pred == y),
+                           heldout_refused=float((top < self.threshold_).mean()),
+                           gate_only_accuracy=float((F[1].argmax(1) == y).mean()),
+                           centroid_only_accuracy=float((F[0].argmax(1) == y).mean()))
+        else:
+            # nothing to hold out (one expert, or single-document experts): a sane default mix, no abstention
+            mix = np.array([20.0, 1.0, 0.5 if lexical_on else 0.0])
+            self.threshold_ = 0.0
+        self.mix_ = np.asarray(mix, dtype=np.float64)
+        # ---- final fit on every document
+        self.centroids_, self.owner_, lr, self.lex_ = self._signals(
+            groups, texts if lexical_on else None, keywords, descriptions, fb, warm_start)
+        self.coef_, self.intercept_ = lr.coef_, lr.intercept_
+        self.n_experts_ = E
+        figures.update(mix={c: float(a) for c, a in zip(COMPONENTS, self.mix_)}, threshold=float(self.threshold_),
+                       centroids=int(len(self.centroids_)), gate_iterations=lr.n_iter_)
+        self.figures_ = figures
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def raw(self, Q: np.ndarray, texts: Optional[Sequence[str]] = None, cols: Optional[np.ndarray] = None
+            ) -> dict[str, np.ndarray]:
+        """Unweighted signals ``{centroid, gate, lexical}``, each ``(n, E)`` (or ``(n, len(cols))``).
+
+        ``cols``: score only these experts (the gate's log-probabilities are then normalised over them).
+        """
+        Q = np.asarray(Q, dtype=np.float32)
+        if cols is None:
+            cen = max_per_owner(Q @ self.centroids_.T, self.owner_, self.n_experts_)
+            logits = Q @ self.coef_ + self.intercept_
+            lex = self.lex_.score(texts) if (self.lex_ is not None and texts is not None) else \
+                np.zeros((len(Q), self.n_experts_), np.float32)
+        else:
+            cols = np.asarray(cols, dtype=np.int64)
+            sel = np.isin(self.owner_, cols)
+            pos = np.full(self.n_experts_, -1, dtype=np.int64)
+            pos[cols] = np.arange(len(cols))
+            cen = max_per_owner(Q @ self.centroids_[sel].T, pos[self.owner_[sel]], len(cols))
+            logits = Q @ self.coef_[:, cols] + self.intercept_[cols]
+            lex = self.lex_.score(texts)[:, cols] if (self.lex_ is not None and texts is not None) else \
+                np.zeros((len(Q), len(cols)), np.float32)
+        return {"centroid": cen, "gate": log_softmax(logits), "lexical": lex}
+
+    def components(self, Q: np.ndarray, texts: Optional[Sequence[str]] = None, cols: Optional[np.ndarray] = None
+                   ) -> dict[str, np.ndarray]:
+        """Weighted signals ``a_k * signal_k``: their sum is the logit ``z`` ``(n, E)``."""
+        return {k: self.mix_[i] * v for i, (k, v) in enumerate(self.raw(Q, texts, cols).items())}
+
+    def logits(self, Q: np.ndarray, texts: Optional[Sequence[str]] = None, cols: Optional[np.ndarray] = None
+               ) -> np.ndarray:
+        """Mixed logits ``z`` ``(n, E)`` float64."""
+        return sum(self.components(Q, texts, cols).values())
+
+    def confidence(self, Q: np.ndarray, texts: Optional[Sequence[str]] = None) -> np.ndarray:
+        """Calibrated probabilities ``(n, E)``."""
+        return softmax(self.logits(Q, texts))
+
+    # ------------------------------------------------------------------ persistence
+    def to_bytes(self) -> bytes:
+        """The fitted state as an ``.npz`` of plain arrays (no pickle)."""
+        import json
+
+        arrays = {"format": np.array([FORMAT]), "centroids": self.centroids_, "owner": self.owner_,
+                  "coef": self.coef_, "intercept": self.intercept_, "mix": self.mix_,
+                  "threshold": np.array([self.threshold_]), "n_experts": np.array([self.n_experts_]),
+                  "figures": np.array(json.dumps(self.figures_))}
+        if self.lex_ is not None:
+            arrays.update(self.lex_.to_arrays())
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "HybridGate":
+        import json
+
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            a = {k: z[k] for k in z.files}
+        if int(a["format"][0]) != FORMAT:
+            raise ValueError(f"unsupported gate format {int(a['format'][0])}")
+        self = cls()
+        self.centroids_, self.owner_ = a["centroids"], a["owner"]
+        self.coef_, self.intercept_ = a["coef"], a["intercept"]
+        self.mix_ = a["mix"]
+        self.threshold_ = float(a["threshold"][0])
+        self.n_experts_ = int(a["n_experts"][0])
+        self.figures_ = json.loads(str(a["figures"]))
+        self.lex_ = LexicalIndex.from_arrays(a) if "lex_vocab" in a else None
+        return self
