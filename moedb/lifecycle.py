@@ -1,16 +1,401 @@
-"""Expert lifecycle and feedback (issue 4): feedback, ingestion jobs, retrain, split, merge, optimize, rename."""
+"""Expert lifecycle and feedback (issue 4): feedback, ingestion jobs, retrain, split, merge, optimize, rename.
+
+Every public call that writes runs in one transaction (``self.store.atomic()``), validates its
+input before the first write, and refits the gate once the experts changed.
+"""
 from __future__ import annotations
+
+import time
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .errors import DuplicateExpert, InvalidInput
+from .lifecycle_feedback import FeedbackMixin
 
-class LifecycleMixin:
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    """Rows of ``m`` ``(n, d)`` scaled to unit length (zero rows stay zero)."""
+    n = np.linalg.norm(m, axis=1, keepdims=True)
+    return (m / np.where(n > 0, n, 1.0)).astype(np.float32)
+
+
+def choose_clusters(X: np.ndarray, n: Optional[int], max_n: Optional[int] = None, seed: int = 0,
+                    sample: int = 3000) -> tuple[np.ndarray, int, dict[int, float]]:
+    """K-means over unit vectors ``X`` ``(m, d)``; ``n=None`` picks k by the best cosine silhouette.
+
+    Candidates are ``2..max_n`` (default ``min(20, max(2, round(sqrt(m / 2))))``, the usual
+    rule of thumb). Returns ``(labels (m,) int64 in 0..k-1, k, {k: silhouette})``.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    m = len(X)
+    distinct = len(np.unique(X, axis=0))
+
+    def fit(k: int) -> np.ndarray:
+        return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(X).astype(np.int64)
+
+    if n is not None:
+        if n > distinct:
+            raise InvalidInput(f"cannot split {m} documents with {distinct} distinct vectors into {n} experts")
+        labels = fit(n)
+        sil = {n: float(silhouette_score(X, labels, metric="cosine", sample_size=min(sample, m),
+                                         random_state=seed))} if 2 <= n < m and len(set(labels)) > 1 else {}
+        return labels, n, sil
+    if distinct < 2:
+        raise InvalidInput("all documents have the same vector; there is nothing to split")
+    top = max_n if max_n is not None else min(20, max(2, int(round(np.sqrt(m / 2)))))
+    top = min(top, distinct, m - 1)
+    if top < 2:
+        return fit(2), 2, {}
+    best: tuple[float, int, Optional[np.ndarray]] = (-2.0, 2, None)
+    sil: dict[int, float] = {}
+    for k in range(2, top + 1):
+        labels = fit(k)
+        if len(set(labels)) < 2:
+            continue
+        s = float(silhouette_score(X, labels, metric="cosine", sample_size=min(sample, m), random_state=seed))
+        sil[k] = s
+        if s > best[0]:
+            best = (s, k, labels)
+    if best[2] is None:
+        return fit(2), 2, sil
+    return best[2], best[1], sil
+
+
+class LifecycleMixin(FeedbackMixin):
     """Methods of :class:`moedb.Database` that change experts over time."""
 
-    def _feedback_examples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Feedback as training examples for the gate.
+    # ------------------------------------------------------------------ retrain
+    def _route_accuracy(self, vecs: np.ndarray, eids: np.ndarray, rewards: np.ndarray) -> dict[str, Any]:
+        """How often the current gate agrees with feedback: top-1 is the expert (reward > 0), or is
+        not (reward < 0). Routing to a descendant of the expert counts as routing to it."""
+        self._refresh()
+        m = len(eids)
+        if m == 0:
+            return {"events": 0, "accuracy": None, "positive": 0, "positive_hits": 0, "negative": 0,
+                    "negative_avoided": 0}
+        res = self.route_many(list(vecs), top_k=1, k=0, min_confidence=0.0, log=False)
+        hit = np.zeros(m, bool)
+        for i, r in enumerate(res):
+            node = self._by_name.get(r.experts[0].name) if r.experts else None
+            while node is not None:
+                if node["id"] == eids[i]:
+                    hit[i] = True
+                    break
+                node = self._by_name.get(node["parent"]) if node["parent"] else None
+        pos, neg = rewards > 0, rewards < 0
+        ok = np.where(pos, hit, ~hit)[pos | neg]
+        return {"events": int((pos | neg).sum()), "accuracy": float(ok.mean()) if ok.size else None,
+                "positive": int(pos.sum()), "positive_hits": int(hit[pos].sum()),
+                "negative": int(neg.sum()), "negative_avoided": int((~hit[neg]).sum())}
 
-        Returns ``(vectors (m, d) float32, expert_ids (m,) int64, rewards (m,) float64)``;
-        reward > 0 makes the query an example of that expert, < 0 a counter-example.
+    def retrain(self, holdout: float = 0.1, *, min_heldout: int = 10) -> dict[str, Any]:
+        """Fold feedback into the gate and report figures measured on held-out feedback.
+
+        A deterministic ``holdout`` share of the feedback (by event key) is kept out of training
+        and used to measure the gate before and after (when fewer than ``min_heldout`` events
+        would be held out, nothing is held out and the figures are measured on the training
+        feedback, flagged by ``"measured_on"``). The gate is refitted inside one transaction, so
+        a reader in another process sees the old gate or the new one.
         """
-        return (np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float64))
+        if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout < 1.0:
+            raise InvalidInput(f"holdout must be a fraction in [0, 1), got {holdout!r}")
+        t0 = time.perf_counter()
+        total = self.store.feedback_usable_count()
+        cut = int(round(holdout * 1000))
+        held = self.store.feedback_rows(True, cut) if cut else None
+        if held is None or len(held[0]) < min_heldout:
+            cut, measured_on = 0, "training feedback (too few events to hold some out)"
+            held = self.store.feedback_rows(None, 0)
+        else:
+            measured_on = "held-out feedback"
+        _, hv, he, hr = held
+        before = self._route_accuracy(hv, he, hr)
+        with self.store.atomic():
+            figures = self._refit_with_cut(cut)
+            after = self._route_accuracy(hv, he, hr)
+            report = {"feedback": total, "training_events": total - (len(he) if cut else 0),
+                      "heldout_events": len(he) if cut else 0, "measured_on": measured_on,
+                      "before": before, "after": after, "gate": figures,
+                      "seconds": round(time.perf_counter() - t0, 3)}
+            report["run"] = self.store.record_retrain(self.store.feedback_max_id(), report)
+        return report
+
+    def _refit_with_cut(self, cut: int) -> dict[str, Any]:
+        with self.store.atomic():
+            cur = self.store.get_meta("lifecycle", {}) or {}
+            self.store.set_meta("lifecycle", {**cur, "holdout_cut": int(cut)})
+            self._touch()
+            return dict(self.refit_router() or {})
+
+    # ------------------------------------------------------------------ split
+    def _free_child_names(self, name: str, k: int) -> list[str]:
+        out, i = [], 1
+        while len(out) < k:
+            cand = f"{name}/{i}"
+            if cand not in self._by_name:
+                out.append(cand)
+            i += 1
+        return out
+
+    def split_expert(self, name: str, n: Optional[int] = None, *, names: Optional[Sequence[str]] = None,
+                     max_n: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
+        """Split an expert by k-means over its document vectors (``n=None``: k by silhouette).
+
+        Every document moves to exactly one child; children are named ``NAME/1``, ``NAME/2``…
+        (the first free numbers) unless ``names`` are given, and take the original as parent,
+        which stays as a pure parent without documents. Feedback on the original follows the
+        child nearest to its query. Returns ``{"expert", "n", "chosen_by", "silhouette",
+        "children": [{"name", "size"}]}``.
+        """
+        with self.store.atomic():
+            out = self._split(name, n, names, max_n, seed)
+        self._touch()
+        self.refit_router()
+        return out
+
+    def _split(self, name: str, n: Optional[int], names: Optional[Sequence[str]], max_n: Optional[int],
+               seed: int) -> dict[str, Any]:
+        from .database import _check_name
+
+        row = self._require(name)
+        if names is not None:
+            names = [_check_name(x, "child name") for x in names]
+            if n is not None and n != len(names):
+                raise InvalidInput(f"n={n} but {len(names)} child names given")
+            n = len(names)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2):
+            raise InvalidInput(f"n must be an integer >= 2, got {n!r}")
+        if max_n is not None and (not isinstance(max_n, (int, np.integer)) or max_n < 2):
+            raise InvalidInput(f"max_n must be an integer >= 2, got {max_n!r}")
+        ids, X = self._expert_docs(row)
+        if len(ids) < 2:
+            raise InvalidInput(f"expert {name!r} has {len(ids)} document(s); a split needs at least 2")
+        if n is not None and n > len(ids):
+            raise InvalidInput(f"cannot split {len(ids)} documents of {name!r} into {n} experts")
+        labels, k, sil = choose_clusters(X, None if n is None else int(n), max_n, seed)
+        groups = [j for j in range(k) if (labels == j).any()]
+        child_names = list(names) if names is not None else self._free_child_names(name, len(groups))
+        if len(set(child_names)) != len(child_names):
+            raise InvalidInput("child names must be different")
+        taken = [c for c in child_names if c in self._by_name]
+        if taken:
+            raise DuplicateExpert(f"expert {taken[0]!r} already exists")
+        children = []
+        with self.store.atomic():
+            for i, (cname, j) in enumerate(zip(child_names, groups)):
+                members = labels == j
+                desc = f"{row['description']} (part {i + 1} of {len(groups)})" if row["description"] else ""
+                cid = self.store.insert_expert(cname, desc, list(row["keywords"]), row["id"],
+                                               {"split_from": name}, row["generator"])
+                self.store.move_documents(row["id"], cid, [int(x) for x in ids[members]])
+                children.append((cname, cid, int(members.sum()), _unit(X[members].sum(axis=0, keepdims=True))[0]))
+            fids, FV = self.store.feedback_of_expert(row["id"])
+            if len(fids):
+                C = np.stack([c[3] for c in children])
+                nearest = np.argmax(FV @ C.T, axis=1)
+                for j, c in enumerate(children):
+                    self.store.set_feedback_expert(fids[nearest == j], c[1])
+        self._touch()
+        return {"expert": name, "n": len(children), "chosen_by": "given" if n is not None else "silhouette",
+                "silhouette": sil, "children": [{"name": c[0], "size": c[2]} for c in children]}
+
+    # ------------------------------------------------------------------ merge
+    def merge_experts(self, names: Sequence[str], into: str, *, description: Optional[str] = None) -> dict[str, Any]:
+        """Merge experts into ``into`` (an existing expert, possibly one of ``names``, or a new one).
+
+        Documents are conserved (a clashing document id gets a ``~N`` suffix), feedback and
+        logged choices of the merged experts are pointed at the target, their children move
+        under it, and the centroid and gate are updated. Returns ``{"into", "merged", "size",
+        "moved": {"documents", "feedback", "log_choices"}, "created"}``.
+        """
+        with self.store.atomic():
+            out = self._merge(names, into, description)
+        self._touch()
+        self.refit_router()
+        return out
+
+    def _merge(self, names: Sequence[str], into: str, description: Optional[str]) -> dict[str, Any]:
+        from .database import _check_name
+
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+            raise InvalidInput("names must be a non-empty list of expert names")
+        _check_name(into, "target name")
+        if len(set(names)) != len(names):
+            raise InvalidInput("an expert is named twice in the merge")
+        rows = [self._require(x) for x in names]
+        sources = [r for r in rows if r["name"] != into]
+        if not sources:
+            raise InvalidInput(f"nothing to merge: the only expert given is the target {into!r}")
+        target = self._by_name.get(into)
+        gone = {r["id"] for r in sources}
+        parent_of = {r["id"]: r["parent_id"] for r in self._experts}
+
+        def alive_ancestor(pid: Optional[int]) -> Optional[int]:
+            while pid is not None and pid in gone:
+                pid = parent_of.get(pid)
+            return pid
+
+        if target is None:
+            parents = {alive_ancestor(r["parent_id"]) for r in sources}
+            new_parent = parents.pop() if len(parents) == 1 else None
+        else:
+            # if the target sits below a merged expert, lift it above the topmost one
+            top, pid = None, target["parent_id"]
+            while pid is not None:
+                if pid in gone:
+                    top = pid
+                pid = parent_of.get(pid)
+            new_parent = alive_ancestor(parent_of[top]) if top is not None else target["parent_id"]
+        moved = {"documents": 0, "feedback": 0, "log_choices": 0}
+        with self.store.atomic():
+            if target is None:
+                descs = [r["description"] for r in sources if r["description"]]
+                kws: list[str] = []
+                for r in sources:
+                    kws += [k for k in r["keywords"] if k not in kws]
+                gens = {str(r["generator"]) for r in sources}
+                tid = self.store.insert_expert(
+                    into, description if description is not None else "; ".join(dict.fromkeys(descs)), kws,
+                    new_parent, {"merged_from": [r["name"] for r in sources]},
+                    sources[0]["generator"] if len(gens) == 1 else None)
+            else:
+                tid = target["id"]
+                fields: dict[str, Any] = {}
+                if new_parent != target["parent_id"]:
+                    fields["parent_id"] = new_parent
+                if description is not None:
+                    fields["description"] = description
+                if fields:
+                    self.store.update_expert(tid, **fields)
+            for r in sources:
+                moved["documents"] += self.store.move_documents(r["id"], tid)
+                nf, nc = self.store.reassign_references(r["id"], tid)
+                moved["feedback"] += nf
+                moved["log_choices"] += nc
+                for child in self.store.children(r["id"]):
+                    if child != tid and child not in gone:
+                        self.store.update_expert(child, parent_id=tid)
+            for r in sources:
+                self.store.delete_expert(r["id"])
+            self._touch()
+            size = self._require(into)["size"]
+        return {"into": into, "merged": [r["name"] for r in sources], "size": size, "moved": moved,
+                "created": target is None}
+
+    # ------------------------------------------------------------------ rename
+    def rename_expert(self, old: str, new: str) -> dict[str, Any]:
+        """Rename an expert; its id, documents, children, feedback and log references stay."""
+        from .database import _check_name
+
+        row = self._require(old)
+        _check_name(new, "new name")
+        if new != old:
+            self.store.update_expert(row["id"], name=new)
+            self._touch()
+        return {"old": old, "new": new, "id": row["id"]}
+
+    # ------------------------------------------------------------------ optimize
+    def optimize(self, apply: bool = False, *, merge_similarity: float = 0.95, confusion_rate: float = 0.3,
+                 confusion_margin: float = 0.05, min_confused: int = 10, overload: float = 2.0,
+                 min_split_size: int = 8, min_silhouette: float = 0.1, seed: int = 0) -> dict[str, Any]:
+        """Propose merges, splits and a retrain, each with the evidence behind it.
+
+        - merge: two experts whose centroids have cosine >= ``merge_similarity``, or that the
+          log shows the router confusing (top-two confidences within ``confusion_margin`` on at
+          least ``min_confused`` routes and ``confusion_rate`` of their combined top routes);
+        - split: an expert less coherent than the median expert (mean cosine of its documents
+          to its centroid) or overloaded (top-route share >= ``overload`` x the even share),
+          whose k-means split reaches a silhouette >= ``min_silhouette``;
+        - retrain: feedback arrived since the last retrain.
+
+        ``apply=True`` carries the whole plan out in one transaction. Returns ``{"proposals":
+        [{"action", ..., "reason", "evidence"}], "applied", "results"}``.
+        """
+        self._refresh()
+        leaves = [r for r in self._experts if r["size"] > 0]
+        proposals: list[dict[str, Any]] = []
+        load = self.store.load_by_expert(None, None)
+        tops = {r["id"]: int(load.get(r["id"], {}).get("top", 0)) for r in leaves}
+        used: set[int] = set()
+        if len(leaves) >= 2:
+            C = _unit(np.stack([r["vec_sum"] for r in leaves]).astype(np.float32))
+            S = C @ C.T
+            confused: dict[tuple[int, int], int] = {}
+            for a, b, c in self.store.confused_pairs(confusion_margin):
+                key = (min(a, b), max(a, b))
+                confused[key] = confused.get(key, 0) + c
+            cands = []
+            for i in range(len(leaves)):
+                for j in range(i + 1, len(leaves)):
+                    a, b = leaves[i], leaves[j]
+                    nc = confused.get((min(a["id"], b["id"]), max(a["id"], b["id"])), 0)
+                    both = tops[a["id"]] + tops[b["id"]]
+                    rate = nc / both if both else 0.0
+                    close = S[i, j] >= merge_similarity
+                    mixed = nc >= min_confused and rate >= confusion_rate
+                    if close or mixed:
+                        cands.append((max(S[i, j], rate), a, b, float(S[i, j]), nc, rate, close, mixed))
+            cands.sort(key=lambda c: -c[0])
+            for _, a, b, sim, nc, rate, close, mixed in cands:
+                if a["id"] in used or b["id"] in used:
+                    continue
+                used |= {a["id"], b["id"]}
+                big, small = sorted((a, b), key=lambda r: (-r["size"], -tops[r["id"]], r["id"]))
+                why = []
+                if close:
+                    why.append(f"centroid cosine {sim:.3f} >= {merge_similarity}")
+                if mixed:
+                    why.append(f"router nearly tied between them on {nc} routes ({rate:.0%} of their load)")
+                proposals.append({"action": "merge", "experts": [big["name"], small["name"]], "into": big["name"],
+                                  "reason": "; ".join(why),
+                                  "evidence": {"centroid_cosine": sim, "confused_routes": nc, "confusion_rate": rate,
+                                               "sizes": [big["size"], small["size"]]}})
+        if leaves:
+            coh = {r["id"]: float(np.linalg.norm(r["vec_sum"]) / r["size"]) for r in leaves}
+            median = float(np.median(list(coh.values())))
+            total_top = sum(tops.values())
+            even = 1.0 / len(leaves)
+            for r in leaves:
+                if r["id"] in used or r["size"] < min_split_size:
+                    continue
+                share = tops[r["id"]] / total_top if total_top else 0.0
+                incoherent = len(leaves) > 1 and coh[r["id"]] < median
+                overloaded = total_top > 0 and share >= overload * even and len(leaves) > 1
+                if not (incoherent or overloaded):
+                    continue
+                _, X = self._expert_docs(r)
+                _, k, sil = choose_clusters(X, None, None, seed)
+                best = max(sil.values()) if sil else None
+                if best is None or best < min_silhouette:
+                    continue
+                why = []
+                if incoherent:
+                    why.append(f"coherence {coh[r['id']]:.3f} below the median expert's {median:.3f}")
+                if overloaded:
+                    why.append(f"takes {share:.0%} of routes ({share / even:.1f}x an even share)")
+                why.append(f"k-means finds {k} groups (silhouette {best:.3f})")
+                proposals.append({"action": "split", "expert": r["name"], "n": k, "reason": "; ".join(why),
+                                  "evidence": {"coherence": coh[r["id"]], "median_coherence": median,
+                                               "share": share, "even_share": even, "silhouette": sil}})
+        last = self.store.last_retrain()
+        new_fb = self.store.feedback_count(last["feedback_max"] if last else 0)
+        if new_fb:
+            proposals.append({"action": "retrain", "reason": f"{new_fb} feedback event(s) since the last retrain",
+                              "evidence": {"new_feedback": new_fb, "last_retrain": last["ts"] if last else None}})
+        results: list[dict[str, Any]] = []
+        if apply and proposals:
+            with self.store.atomic():
+                for p in proposals:
+                    if p["action"] == "merge":
+                        results.append(self._merge(p["experts"], p["into"], None))
+                    elif p["action"] == "split":
+                        results.append(self._split(p["expert"], p["n"], None, None, seed))
+                if any(p["action"] == "retrain" for p in proposals):
+                    results.append(self.retrain())
+                else:
+                    self._touch()
+                    self.refit_router()
+        return {"proposals": proposals, "applied": bool(apply and proposals), "results": results}

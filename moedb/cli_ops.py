@@ -1,0 +1,206 @@
+"""CLI commands of the expert lifecycle: feedback, ingest-feedback, retrain, split, merge, optimize,
+rename and stats. Each command is one library call; ``moedb.cli.main`` imports this module."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import typer
+
+from .cli import JSON_OPT, app, bar, console, emit_json, open_db, progress_bar
+from .errors import InvalidInput
+
+
+@app.command()
+def feedback(ctx: typer.Context, query_id: int = typer.Argument(..., help="Query id printed by `moedb route`."),
+             expert: str = typer.Argument(..., help="The expert the feedback is about."),
+             good: bool = typer.Option(False, "--good", help="The route to EXPERT was right (reward +1)."),
+             bad: bool = typer.Option(False, "--bad", help="The route to EXPERT was wrong (reward -1)."),
+             reward: Optional[float] = typer.Option(None, "--reward", help="Any reward in [-1, 1] instead."),
+             json_out: bool = JSON_OPT) -> None:
+    """Tell moedb whether routing a logged query to an expert was good or bad."""
+    given = [x for x in (good, bad, reward is not None) if x]
+    if len(given) != 1:
+        raise InvalidInput("give exactly one of --good, --bad and --reward")
+    r = 1.0 if good else -1.0 if bad else float(reward)
+    with open_db(ctx) as db:
+        out = db.feedback(query_id, expert, r)
+    if json_out:
+        emit_json(out)
+    else:
+        state = "already recorded" if out["already_present"] else "recorded"
+        typer.echo(f"{state}: query {query_id} -> {expert!r} reward {r:+g} (feedback #{out['id']})")
+
+
+@app.command("ingest-feedback")
+def ingest_feedback(ctx: typer.Context, path: str = typer.Argument(..., help="JSONL file, one event per line."),
+                    json_out: bool = JSON_OPT) -> None:
+    """Ingest a JSONL file of feedback events (re-running it adds nothing twice)."""
+    with open_db(ctx) as db, progress_bar(f"ingesting {os.path.basename(path)} (bytes)") as pb:
+        out = db.ingest_feedback(path, progress=pb)
+    if json_out:
+        emit_json(out)
+        return
+    typer.echo(f"{out['lines']} lines: {out['taken']} taken, {out['skipped']} skipped, "
+               f"{out['already_present']} already present")
+    for e in out["errors"][:20]:
+        typer.echo(f"  line {e['line']}: {e['error']}", err=True)
+    more = out["skipped"] - min(20, len(out["errors"]))
+    if more > 0:
+        typer.echo(f"  ... and {more} more skipped line(s) (use --json for the list)", err=True)
+
+
+def _acc(block: dict) -> str:
+    a = block.get("accuracy")
+    return "n/a" if a is None else f"{a:.1%} of {block['events']}"
+
+
+@app.command()
+def retrain(ctx: typer.Context, holdout: float = typer.Option(0.1, "--holdout", help="Share of feedback held out."),
+            json_out: bool = JSON_OPT) -> None:
+    """Fold feedback into the gate; report agreement with held-out feedback before and after."""
+    with open_db(ctx) as db:
+        out = db.retrain(holdout=holdout)
+    if json_out:
+        emit_json(out)
+        return
+    typer.echo(f"retrained on {out['training_events']} feedback events ({out['heldout_events']} held out)")
+    typer.echo(f"agreement with {out['measured_on']}: before {_acc(out['before'])}, after {_acc(out['after'])}")
+    for k, v in (out.get("gate") or {}).items():
+        typer.echo(f"  gate {k}: {v}")
+
+
+@app.command()
+def split(ctx: typer.Context, name: str, n: Optional[int] = typer.Option(None, "--n", help="Number of children "
+                                                                                        "(default: by silhouette)."),
+          child: List[str] = typer.Option(None, "--name", help="Child name (repeatable; default NAME/1, NAME/2…)."),
+          json_out: bool = JSON_OPT) -> None:
+    """Split an expert into children by k-means over its documents."""
+    with open_db(ctx) as db:
+        out = db.split_expert(name, n, names=child or None)
+    if json_out:
+        emit_json(out)
+        return
+    typer.echo(f"split {name!r} into {out['n']} experts ({out['chosen_by']}):")
+    for c in out["children"]:
+        typer.echo(f"  {c['name']}: {c['size']} documents")
+
+
+@app.command()
+def merge(ctx: typer.Context, names: List[str] = typer.Argument(..., help="Experts to merge."),
+          into: str = typer.Option(..., "--into", help="Target expert (existing or new)."),
+          json_out: bool = JSON_OPT) -> None:
+    """Merge experts into one; documents, feedback and log references follow."""
+    with open_db(ctx) as db:
+        out = db.merge_experts(list(names), into=into)
+    if json_out:
+        emit_json(out)
+    else:
+        m = out["moved"]
+        typer.echo(f"merged {', '.join(out['merged'])} into {into!r} ({out['size']} documents; moved "
+                   f"{m['documents']} documents, {m['feedback']} feedback events, {m['log_choices']} log references)")
+
+
+@app.command()
+def rename(ctx: typer.Context, old: str, new: str, json_out: bool = JSON_OPT) -> None:
+    """Rename an expert."""
+    with open_db(ctx) as db:
+        out = db.rename_expert(old, new)
+    if json_out:
+        emit_json(out)
+    else:
+        typer.echo(f"renamed {old!r} to {new!r}")
+
+
+@app.command()
+def optimize(ctx: typer.Context, apply: bool = typer.Option(False, "--apply", help="Carry the plan out."),
+             json_out: bool = JSON_OPT) -> None:
+    """Propose merges, splits and a retrain with their evidence (--apply: do it, in one transaction)."""
+    with open_db(ctx) as db:
+        out = db.optimize(apply=apply)
+    if json_out:
+        emit_json(out)
+        return
+    if not out["proposals"]:
+        typer.echo("nothing to do: no redundant, incoherent or overloaded experts and no new feedback")
+        return
+    for p in out["proposals"]:
+        what = {"merge": lambda: f"merge {' + '.join(p['experts'])} into {p['into']!r}",
+                "split": lambda: f"split {p['expert']!r} into {p['n']}",
+                "retrain": lambda: "retrain the gate"}[p["action"]]()
+        typer.echo(f"- {what}: {p['reason']}")
+    typer.echo("applied." if out["applied"] else "(dry run; use --apply to carry this out)")
+
+
+@app.command()
+def stats(ctx: typer.Context,
+          since: Optional[str] = typer.Option(None, "--since", help="Epoch seconds or ISO date (inclusive)."),
+          until: Optional[str] = typer.Option(None, "--until", help="Epoch seconds or ISO date (exclusive)."),
+          buckets: int = typer.Option(24, "--buckets", help="Time buckets for load over time."),
+          csv_out: bool = typer.Option(False, "--csv", help="Per-expert table as CSV."),
+          plot: Optional[str] = typer.Option(None, "--plot", help="Write load charts to FILE.png (needs matplotlib)."),
+          json_out: bool = JSON_OPT) -> None:
+    """Load analytics from the query log: per-expert load, imbalance, latency, load over time."""
+
+    def t(v: Optional[str]):
+        if v is None:
+            return None
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    with open_db(ctx) as db:
+        out = db.stats(since=t(since), until=t(until), buckets=buckets)
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InvalidInput("--plot needs matplotlib: pip install 'moedb[plot]'") from None
+        from .analytics import stats_plot
+
+        stats_plot(out, plot)
+    if json_out:
+        emit_json(out)
+    elif csv_out:
+        from .analytics import stats_csv
+
+        typer.echo(stats_csv(out), nl=False)
+    else:
+        _print_stats(out)
+    if plot and not json_out and not csv_out:
+        typer.echo(f"wrote {plot}")
+
+
+def _print_stats(s: dict) -> None:
+    from rich.table import Table
+
+    if not s["queries"]:
+        typer.echo("no queries logged in this window")
+        return
+    lat = s["latency_ms"]
+    typer.echo(f"{s['queries']} queries, {s['routed']} routed, {s['abstained']} abstained "
+               f"({s['abstention_rate']:.1%}); latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms")
+    t = Table("expert", "share", "", "queries", "conf", "feedback ok", "p50 ms", "p95 ms")
+    top = max((e["share"] for e in s["experts"]), default=0) or 1.0
+    for e in s["experts"]:
+        ok = "" if e["feedback_success_rate"] is None else f"{e['feedback_success_rate']:.0%} of {e['feedback']}"
+        t.add_row(e["name"], bar(e["share"] / top), f"{e['share']:.1%}", str(e["queries"]),
+                  "" if e["mean_confidence"] is None else f"{e['mean_confidence']:.2f}", ok,
+                  "" if e["latency_p50_ms"] is None else f"{e['latency_p50_ms']:.1f}",
+                  "" if e["latency_p95_ms"] is None else f"{e['latency_p95_ms']:.1f}")
+    console().print(t)
+    imb = s["imbalance"]
+    if imb["gini"] is not None:
+        typer.echo(f"imbalance over {imb['experts']} experts: CV {imb['cv']:.2f}, Gini {imb['gini']:.2f}, "
+                   f"max/mean {imb['max_mean']:.2f}, entropy {imb['entropy_bits']:.2f} bits "
+                   f"({imb['entropy_norm']:.0%} of even)")
+    lot = s["load_over_time"]
+    if lot["buckets"]:
+        import datetime as dt
+
+        typer.echo(f"load over time ({lot['bucket_seconds']:g} s buckets):")
+        peak = max(b["queries"] for b in lot["buckets"]) or 1
+        for b in lot["buckets"]:
+            when = dt.datetime.fromtimestamp(b["start"]).strftime("%Y-%m-%d %H:%M:%S")
+            typer.echo(f"  {when}  {bar(b['queries'] / peak, 30)} {b['queries']}")
