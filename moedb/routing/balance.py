@@ -60,12 +60,17 @@ class Balancer:
         E = len(self.bias)
         self.window_used = np.zeros(E, np.int64) if window_used is None else np.asarray(window_used, np.int64).copy()
         self._start = self.bias.copy()
+        self._used0 = self.window_used.copy()
         self.load_ = np.zeros(E)
         self.expected_ = np.zeros(E)
 
     @property
     def delta_bias_(self) -> np.ndarray:
         return self.bias - self._start
+
+    @property
+    def window_delta_(self) -> np.ndarray:
+        return self.window_used - self._used0
 
     def blocked(self) -> Optional[np.ndarray]:
         """Experts at capacity in the current window (bool ``(E,)``), or ``None`` without a capacity."""
@@ -77,11 +82,13 @@ class Balancer:
         """Record one routed query: its logits ``(E,)`` and the chosen expert indices; update the bias."""
         if len(chosen) == 0:
             return
+        z_row = np.where(np.isfinite(z_row), z_row, -np.inf)
         el = eligible(z_row[None, :], self.margin)[0]
         exp = expected_share(el, k)
         load = np.zeros_like(exp)
         load[chosen] = 1.0
-        touched = el | (load > 0)
+        load *= el  # a far second choice (outside the near-equivalent set) is not a balancing matter
+        touched = el
         nb = bias_step(self.bias, load, exp, self.rate, self.max_bias)
         self.bias = np.where(touched, nb, self.bias)
         self.load_ += load

@@ -36,7 +36,7 @@ class HybridGate:
 
     def __init__(self, l2: float = 1e-4, folds: int = 3, refuse_rate: float = 0.03, docs_per_centroid: int = 25,
                  max_centroids: int = 8, max_fit_docs: int = 2000, lexical: bool = True, max_iter: int = 300,
-                 seed: int = 0):
+                 min_heldout: int = 30, seed: int = 0):
         self.l2 = l2
         self.folds = folds
         self.refuse_rate = refuse_rate
@@ -45,6 +45,7 @@ class HybridGate:
         self.max_fit_docs = max_fit_docs
         self.lexical = lexical
         self.max_iter = max_iter
+        self.min_heldout = min_heldout
         self.seed = seed
 
     # ------------------------------------------------------------------ fitting
@@ -122,7 +123,8 @@ class HybridGate:
             P = softmax(z)
             top = P.max(axis=1)
             pred = P.argmax(axis=1)
-            self.threshold_ = abstain_threshold(top, self.refuse_rate)
+            # too few held-out examples say nothing reliable about a refusal rate: then never abstain
+            self.threshold_ = abstain_threshold(top, self.refuse_rate) if len(y) >= self.min_heldout else 0.0
             figures.update(heldout=int(len(y)), heldout_accuracy=float((pred == y).mean()),
                            heldout_ece=ece(top, pred == y),
                            heldout_refused=float((top < self.threshold_).mean()),

@@ -1,0 +1,142 @@
+"""The router: a fitted :class:`HybridGate` over the routable experts plus the tree and the
+centroid index, scoring queries into per-expert components. No database I/O: the caller loads
+documents and persists :meth:`Router.gate_bytes`.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .gating import log_softmax, softmax
+from .hierarchy import Tree, beam_candidates, node_centroids
+from .hybrid import COMPONENTS, HybridGate
+
+
+def fingerprint(rows: Sequence[dict], settings: dict[str, Any]) -> str:
+    """What a fitted gate depends on: routable experts (id, version) and the fit settings."""
+    h = hashlib.sha1()
+    for r in rows:
+        h.update(f"{r['id']}:{r['version']};".encode())
+    for k in ("gate_l2", "gate_folds", "refuse_rate", "lexical"):
+        h.update(f"{k}={settings.get(k)!r};".encode())
+    return h.hexdigest()
+
+
+class Router:
+    """Scores queries against ``rows`` (the routable experts, in column order).
+
+    ``gate``: a fitted :class:`HybridGate` whose columns follow ``rows``; ``tree``: the
+    :class:`Tree` over *all* experts (``all_rows``) for beam search and paths.
+    """
+
+    def __init__(self, rows: list[dict], all_rows: list[dict], gate: HybridGate, key: str):
+        self.rows = rows
+        self.key = key
+        self.gate = gate
+        self.col = {r["id"]: j for j, r in enumerate(rows)}
+        self.tree = Tree([r["id"] for r in all_rows], [r.get("parent_id") for r in all_rows])
+        self.names = {r["id"]: r["name"] for r in all_rows}
+        self._nodes: Optional[dict[int, np.ndarray]] = None
+        self._ann = None
+
+    @staticmethod
+    def fit(rows: list[dict], all_rows: list[dict], docs: dict[int, tuple[np.ndarray, list[str]]],
+            settings: dict[str, Any], feedback: Optional[tuple] = None, previous: Optional["Router"] = None,
+            key: str = "") -> "Router":
+        """Fit the gate. ``docs[id] = (unit vectors (n, d), texts)``; ``feedback`` with expert *ids*."""
+        groups = [docs[r["id"]][0] for r in rows]
+        texts = [docs[r["id"]][1] for r in rows] if settings.get("lexical", True) else None
+        col = {r["id"]: j for j, r in enumerate(rows)}
+        fb = None
+        if feedback is not None and len(feedback[1]):
+            X, ids, rew = feedback
+            m = np.array([int(i) in col for i in ids], dtype=bool)
+            fb = (np.asarray(X)[m], np.array([col[int(i)] for i in np.asarray(ids)[m]], dtype=np.int64),
+                  np.asarray(rew, np.float64)[m])
+        warm = None
+        if previous is not None:
+            d = groups[0].shape[1]
+            W = np.zeros((d, len(rows)), np.float32)
+            b = np.zeros(len(rows), np.float32)
+            for r in rows:
+                j = previous.col.get(r["id"])
+                if j is not None:
+                    W[:, col[r["id"]]] = previous.gate.coef_[:, j]
+                    b[col[r["id"]]] = previous.gate.intercept_[j]
+            warm = (W, b)
+        gate = HybridGate(l2=float(settings.get("gate_l2", 1e-4)), folds=int(settings.get("gate_folds", 3)),
+                          refuse_rate=float(settings.get("refuse_rate", 0.03)),
+                          lexical=bool(settings.get("lexical", True)),
+                          min_heldout=int(settings.get("min_heldout", 30)))
+        gate.fit(groups, texts, keywords=[r.get("keywords") or [] for r in rows],
+                 descriptions=[r.get("description") or "" for r in rows], feedback=fb, warm_start=warm)
+        gate.figures_["expert_ids"] = [r["id"] for r in rows]
+        return Router(rows, all_rows, gate, key)
+
+    def gate_bytes(self) -> bytes:
+        return self.gate.to_bytes()
+
+    # ------------------------------------------------------------------ hierarchy
+    def node_centroids(self) -> dict[int, np.ndarray]:
+        """Centroids of every tree node, derived from its routable descendants (cached)."""
+        if self._nodes is None:
+            g = self.gate
+            leaf = {r["id"]: g.centroids_[g.owner_ == j] for j, r in enumerate(self.rows)}
+            self._nodes = node_centroids(self.tree, leaf)
+        return self._nodes
+
+    def beam(self, q: np.ndarray, width: int) -> tuple[np.ndarray, int]:
+        """Columns reached by a beam of ``width`` for one unit query ``(d,)``, and the nodes scored."""
+        nodes = self.node_centroids()
+
+        def score(ids):
+            return np.array([float((nodes[i] @ q).max()) if i in nodes else -np.inf for i in ids])
+
+        cands, scored = beam_candidates(self.tree, score, set(self.col), width)
+        return np.array(sorted(self.col[i] for i in cands), dtype=np.int64), len(scored)
+
+    def path(self, expert_id: int) -> list[str]:
+        return [self.names[i] for i in self.tree.path(expert_id)]
+
+    # ------------------------------------------------------------------ candidates via hnswlib
+    def set_ann(self, index) -> None:
+        """An :class:`~moedb.routing.ann.HnswIndex` over ``gate.centroids_`` (labels = centroid rows)."""
+        self._ann = index
+
+    def ann_candidates(self, Q: np.ndarray, n_centroids: int) -> list[np.ndarray]:
+        """Per query, the columns owning one of the ``n_centroids`` nearest centroids."""
+        lab, _ = self._ann.query(Q, n_centroids)
+        return [np.unique(self.gate.owner_[row]).astype(np.int64) for row in lab]
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, Q: np.ndarray, texts: Optional[Sequence[str]], cands: Optional[list[np.ndarray]] = None
+              ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+        """Components ``{centroid, gate, lexical}``, logits ``z``, confidences and the scored mask, each ``(n, E)``.
+
+        ``cands``: per query the columns to score (others get ``z = -inf``, confidence 0), else all.
+        """
+        n, E = len(Q), len(self.rows)
+        if cands is None:
+            comps = self.gate.components(Q, texts)
+            z = sum(comps.values())
+            return comps, z, softmax(z), np.ones((n, E), dtype=bool)
+        comps = {c: np.full((n, E), np.nan) for c in COMPONENTS}
+        z = np.full((n, E), -np.inf)
+        mask = np.zeros((n, E), dtype=bool)
+        for i, cols in enumerate(cands):
+            part = self.gate.components(Q[i:i + 1], [texts[i]] if texts is not None else None, cols=cols)
+            for c in COMPONENTS:
+                comps[c][i, cols] = part[c][0]
+            z[i, cols] = sum(part[c][0] for c in COMPONENTS)
+            mask[i, cols] = True
+        return comps, z, softmax(z), mask
+
+    def figures(self) -> dict[str, Any]:
+        f = {k: v for k, v in self.gate.figures_.items() if k != "expert_ids"}
+        f["tree_depth"] = self.tree.depth()
+        return f
+
+
+__all__ = ["Router", "fingerprint", "log_softmax"]
