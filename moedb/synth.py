@@ -118,7 +118,8 @@ class Session:
         backend = getattr(slot.generator, "backend", "")
         if isinstance(outcome, GenerationError):
             return Contribution(expert=slot.name, confidence=slot.confidence, ok=False, error=str(outcome),
-                                timed_out=outcome.timed_out, backend=backend, round=rnd, sample=sample, role=role)
+                                timed_out=outcome.timed_out, backend=backend, round=rnd, sample=sample, role=role,
+                                time=outcome.seconds, attempts=outcome.attempts)
         cites = [{"expert": h.expert, "id": h.id, "source": h.source, "score": float(h.score)}
                  for h in outcome.citations]
         ok = bool(outcome.text.strip())

@@ -32,6 +32,8 @@ class GenerationError(MoedbError):
         super().__init__(message)
         self.timed_out = timed_out
         self.retryable = retryable
+        self.seconds = 0.0
+        self.attempts = 1
 
 
 @dataclass
@@ -151,8 +153,10 @@ class Generator:
             return g
         assert last is not None
         n = attempt
-        raise GenerationError(f"{self.describe()}: {last} ({n} attempt{'s' if n != 1 else ''})",
+        err = GenerationError(f"{self.describe()}: {last} ({n} attempt{'s' if n != 1 else ''})",
                               timed_out=last.timed_out, retryable=False)
+        err.seconds, err.attempts = time.perf_counter() - t0, n
+        raise err
 
     def describe(self) -> str:
         return self.backend
