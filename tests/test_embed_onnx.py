@@ -1,0 +1,296 @@
+"""The ONNX runtime of the bundled all-MiniLM-L6-v2 (moedb.embed_onnx).
+
+Everything here is real: the bundled model, onnxruntime, tokenizers and sentence-transformers as
+the reference. Exports go to temporary cache directories.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moedb
+from moedb import embed_onnx as eo
+from moedb.embed import SentenceTransformerEmbedder, default_model_path, resolve
+from moedb.errors import ConfigError, InvalidInput
+
+UNICODE = [
+    "Crème brûlée à la façon de grand-mère, déjà prête ?", "Straße, Äpfel und Öl für die Küche",
+    "東京で一番おいしいラーメン屋はどこですか", "如何在数据库中轮换加密密钥", "서울에서 부산까지 기차로 얼마나 걸리나요",
+    "Как сбросить пароль от учётной записи?", "كيف يمكنني تغيير كلمة المرور", "שלום, מה שלומך היום?",
+    "🔑🔐 rotate the keys 🚀🚀 now!!", "naïve café résumé coöperate", "e\u0301te\u0301 (combining accents)",
+    "ℌ𝔢𝔩𝔩𝔬 𝔴𝔬𝔯𝔩𝔡 in fraktur", "tab\tseparated\tvalues\nand new lines", "ＦＵＬＬＷＩＤＴＨ　ｔｅｘｔ",
+    "मैं हिंदी में प्रश्न पूछ रहा हूँ", "Ελληνικά: πώς είστε;", "x² + y² = z², ∑ᵢ aᵢ ≤ ∞",
+]
+
+
+def varied_texts(n_doc: int = 220) -> list[str]:
+    """Real English from the standard library's docstrings, plus unicode, tiny and long texts."""
+    import collections
+    import json as _json
+    import os as _os
+    import pathlib as _pathlib
+    import re as _re
+    import statistics
+    import textwrap
+
+    docs = []
+    for mod in (_os, _json, collections, _re, _pathlib, statistics, textwrap, inspect, random):
+        for _, obj in inspect.getmembers(mod):
+            d = inspect.getdoc(obj)
+            if d and len(d.split()) >= 3 and d not in docs:
+                docs.append(d)
+    rng = random.Random(7)
+    rng.shuffle(docs)
+    texts = [d.split("\n\n")[0] for d in docs[:n_doc]]               # first paragraphs: short to medium
+    long_doc = " ".join(d.replace("\n", " ") for d in docs[:60])
+    texts += [long_doc[:n] for n in (1200, 1500, 3000, 8000)]          # past 256 word pieces: truncated
+    texts += [" ".join(rng.choice(UNICODE) for _ in range(40))]        # long and unicode
+    texts += UNICODE + ["a", "?", "OK", "42", "   padded with spaces   ", "SELECT * FROM experts;",
+                        "def f(x):\n    return x ** 2", "https://example.com/a?b=c&d=e#frag"]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return varied_texts()
+
+
+@pytest.fixture(scope="module")
+def onnx_emb(tmp_path_factory):
+    return eo.OnnxMiniLMEmbedder(cache=str(tmp_path_factory.mktemp("onnx-cache")))
+
+
+@pytest.fixture(scope="module")
+def st_emb():
+    """The reference: the same bundled model run by sentence-transformers (loaded once)."""
+    return SentenceTransformerEmbedder(batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def st_vectors(texts, st_emb):
+    """sentence-transformers' vectors for ``texts``, computed once."""
+    return st_emb.embed(texts)
+
+
+def test_vectors_agree_with_sentence_transformers(texts, onnx_emb, st_vectors):
+    assert len(texts) >= 200
+    tok = onnx_emb._load()[1]
+    lengths = [len(e.ids) for e in tok.encode_batch(texts)]
+    assert max(lengths) == 256 and sum(n == 256 for n in lengths) >= 4   # truncation is exercised
+    assert min(lengths) <= 3                                             # and very short texts
+    v = onnx_emb.embed(texts)
+    assert v.shape == (len(texts), 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    cos = np.sum(v * st_vectors, axis=1)
+    worst = int(np.argmin(cos))
+    assert cos.min() >= 1 - 1e-3, f"text #{worst} {texts[worst][:60]!r}: cosine {cos.min()}"
+    # the same texts differently batched (alone; in batches mixing very different lengths) agree too
+    picks = [texts.index(t) for t in texts if len(t) > 1000][:2] + [0, 1, len(texts) - 1]
+    alone = np.stack([onnx_emb.embed([texts[i]])[0] for i in picks])
+    np.testing.assert_allclose(alone, v[picks], atol=1e-5)
+    mixed = eo.OnnxMiniLMEmbedder(cache=onnx_emb.cache, batch_size=3).embed([texts[i] for i in picks])
+    np.testing.assert_allclose(mixed, v[picks], atol=1e-5)
+
+
+def test_embedder_interface(onnx_emb):
+    assert (onnx_emb.name, onnx_emb.dim, onnx_emb.kind) == ("all-MiniLM-L6-v2", 384, "onnx-minilm")
+    assert onnx_emb.embed([]).shape == (0, 384)
+    with pytest.raises(InvalidInput, match="#1 is empty"):
+        onnx_emb.embed(["fine", "   "])
+    with pytest.raises(InvalidInput, match="int"):
+        onnx_emb.embed(["fine", 3])
+    # semantics: a paraphrase is closer than an unrelated sentence
+    a, b, c = onnx_emb.embed(["How do I reset my password?", "I forgot my password, how can I change it?",
+                              "The recipe needs two cups of flour."])
+    assert a @ b > a @ c + 0.3
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.sampled_from(UNICODE + ["short", "a somewhat longer sentence about databases and keys",
+                                           " ".join(["word"] * 300)]), min_size=1, max_size=6),
+       st.randoms(use_true_random=False))
+def test_order_and_batching_do_not_change_vectors(onnx_emb, batch, rnd):
+    v = onnx_emb.embed(batch)
+    perm = list(range(len(batch)))
+    rnd.shuffle(perm)
+    w = onnx_emb.embed([batch[i] for i in perm])
+    np.testing.assert_allclose(w, v[perm], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+
+
+@given(st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1))
+def test_varint_roundtrip(n):
+    data = eo._varint(n)
+    value, shift = 0, 0
+    for i, b in enumerate(data):
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            assert i == len(data) - 1
+            break
+    assert value == n & 0xFFFFFFFFFFFFFFFF and len(data) <= 10
+
+
+def test_export_is_a_valid_onnx_model(onnx_emb):
+    onnx = pytest.importorskip("onnx")
+    path = onnx_emb.model_file_ or eo.cached_model(default_model_path(), pathlib.Path(onnx_emb.cache))
+    onnx.checker.check_model(str(path))                  # external weights resolved beside the graph
+    m = onnx.load(str(path))
+    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask"]
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input]
+    assert dims == [["batch", "sequence"]] * 2
+    inline, weights = eo.export_model(default_model_path())
+    assert weights == b"" and len(inline) > 80_000_000
+    onnx.checker.check_model(onnx.load_from_string(inline))
+
+
+# ---------------------------------------------------------------------- cache
+def _files(cache: pathlib.Path) -> dict[str, pathlib.Path]:
+    p = eo.cache_paths(default_model_path(), cache)
+    return {k: p[k] for k in ("onnx", "weights", "json")}
+
+
+def test_cache_is_reused_not_re_exported(tmp_path):
+    probe = ["rotate the signing keys"]
+    first = eo.OnnxMiniLMEmbedder(cache=str(tmp_path))
+    before = eo.EXPORTS
+    v1 = first.embed(probe)
+    assert eo.EXPORTS == before + 1
+    files = _files(tmp_path)
+    assert all(p.exists() for p in files.values()) and first.model_file_ == files["onnx"]
+    mtimes = {k: p.stat().st_mtime_ns for k, p in files.items()}
+    v2 = eo.OnnxMiniLMEmbedder(cache=str(tmp_path)).embed(probe)
+    assert eo.EXPORTS == before + 1                       # same process: no second export
+    code = ("import moedb.embed_onnx as eo; eo.OnnxMiniLMEmbedder(cache=%r).embed(['x']); print(eo.EXPORTS)"
+            % str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"                      # another process: no export either
+    assert {k: p.stat().st_mtime_ns for k, p in files.items()} == mtimes
+    np.testing.assert_array_equal(v1, v2)
+
+
+@pytest.mark.parametrize("damage", ["flip-weight-byte", "truncate-graph", "garbage-sidecar", "missing-weights"])
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, damage):
+    probe = ["How do I rotate JWT signing keys?", "knead the dough"]
+    ref = eo.OnnxMiniLMEmbedder(cache=str(tmp_path)).embed(probe)
+    files = _files(tmp_path)
+    if damage == "flip-weight-byte":
+        with open(files["weights"], "r+b") as f:       # same size, one byte of a weight changed
+            f.seek(files["weights"].stat().st_size // 2)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x40]))
+    elif damage == "truncate-graph":
+        files["onnx"].write_bytes(files["onnx"].read_bytes()[:1000])
+    elif damage == "garbage-sidecar":
+        files["json"].write_text("{not json")
+    else:
+        files["weights"].unlink()
+    before = eo.EXPORTS
+    v = eo.OnnxMiniLMEmbedder(cache=str(tmp_path)).embed(probe)
+    assert eo.EXPORTS == before + 1
+    np.testing.assert_array_equal(v, ref)
+    meta = json.loads(files["json"].read_text())
+    assert meta["weights"][0] == files["weights"].stat().st_size
+
+
+def test_two_processes_exporting_at_once(tmp_path):
+    code = ("import moedb.embed_onnx as eo, numpy as np; v = eo.OnnxMiniLMEmbedder(cache=%r).embed(['a b c']);"
+            "print(eo.EXPORTS, float(v[0, :4].sum()))" % str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    exports, sums = zip(*[o[0].split() for o in outs])
+    assert sorted(exports) == ["0", "1"]                  # the lock made the second one wait and reuse
+    assert sums[0] == sums[1]
+    assert not [p for p in (tmp_path / "onnx").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_different_model_gets_a_different_cache_key(tmp_path):
+    src = pathlib.Path(default_model_path())
+    other = tmp_path / "other-model"
+    other.mkdir()
+    for name in ("model.safetensors", "tokenizer.json", "sentence_bert_config.json"):
+        (other / name).symlink_to(src / name)
+    cfg = json.loads((src / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "layer_norm_eps": 1e-6}))
+    a = eo.cache_paths(src, tmp_path / "cache")
+    b = eo.cache_paths(other, tmp_path / "cache")
+    assert a["digest"] != b["digest"] and a["onnx"] != b["onnx"]
+    assert eo.model_fingerprint(src, tmp_path / "cache") == a["digest"]   # stamped digest is stable
+
+
+# ---------------------------------------------------------------------- selection
+def test_default_fast_embedder_and_the_override(monkeypatch):
+    monkeypatch.delenv("MOEDB_EMBEDDER", raising=False)
+    assert isinstance(eo.default_fast_embedder(), eo.OnnxMiniLMEmbedder)
+    assert resolve(None).kind == "onnx-minilm"
+    monkeypatch.setenv("MOEDB_EMBEDDER", "sentence-transformers")
+    assert eo.default_fast_embedder() is None
+    assert isinstance(resolve(None), SentenceTransformerEmbedder)
+    monkeypatch.setenv("MOEDB_EMBEDDER", "tensorflow")
+    with pytest.raises(ConfigError, match="MOEDB_EMBEDDER"):
+        eo.default_fast_embedder()
+
+
+def test_missing_runtime_falls_back(monkeypatch):
+    real = eo.importlib.util.find_spec
+    monkeypatch.delenv("MOEDB_EMBEDDER", raising=False)
+    monkeypatch.setattr(eo.importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a))
+    assert eo.default_fast_embedder() is None
+
+
+# ---------------------------------------------------------------------- files built either way
+EXPERTS = {
+    "security": ["JWT tokens expire after one hour; rotate signing keys every month.",
+                 "Use OAuth scopes to limit what a token can access.", "Passwords are hashed with argon2."],
+    "cooking": ["Simmer the tomato sauce for twenty minutes.", "Knead the dough until it is smooth.",
+                "Season the soup with salt and pepper."],
+    "travel": ["The train from Paris to Lyon takes two hours.", "Book flights early for lower fares.",
+               "Pack light for a weekend trip."],
+}
+QUERIES = ["how do I rotate keys", "what temperature for bread", "cheap flights to Lyon", "argon2 or bcrypt?",
+           "soup recipe", "weekend in Paris"]
+
+
+def _routes(db) -> list[tuple[list[str], list[float]]]:
+    out = []
+    for q in QUERIES:
+        r = db.route(q, top_k=3, min_confidence=0.0)
+        out.append(([e.name for e in r.experts], [e.score for e in r.experts]))
+    return out
+
+
+@pytest.mark.parametrize("builder", ["sentence-transformers", "onnx"])
+def test_files_open_with_either_runtime_and_route_identically(tmp_path, embedder, st_emb, builder):
+    """Build with one runtime, copy the file, route on each copy with one runtime: same decisions.
+
+    Routing from two copies keeps any state that routing itself updates (load balancing, logs) equal.
+    """
+    import shutil
+
+    path, copy = str(tmp_path / "x.db"), str(tmp_path / "copy.db")
+    with moedb.connect(path, embedder=st_emb if builder == "sentence-transformers" else embedder) as db:
+        for name, docs in EXPERTS.items():
+            db.add_expert(name, docs)
+    shutil.copyfile(path, copy)
+    with moedb.connect(path, embedder=st_emb) as db:
+        expected = _routes(db)
+    with moedb.connect(copy) as db:                       # no embedder: the file's record -> ONNX runtime
+        assert db.embedder.kind == "onnx-minilm"
+        got = _routes(db)
+    for (names_a, scores_a), (names_b, scores_b) in zip(expected, got):
+        assert names_a == names_b
+        np.testing.assert_allclose(scores_a, scores_b, atol=1e-3)
