@@ -210,6 +210,11 @@ def plan_dir(db: Any, folder: str) -> DirPlan:
             p.fields = {k: v for k, v in p.fields.items() if cur.get(k) != v}
             if p.parent is not ... and row["parent"] == p.parent:
                 p.parent = ...
+            elif isinstance(p.parent, str) and p.parent in db._by_name:
+                try:  # an existing parent must not be a descendant of this expert
+                    db._check_parent(p.parent, child=p.name)
+                except InvalidInput as e:
+                    raise _err(p.file, f"parent: {e}") from None
         docs = docs_of[p.name]
         if docs is not None:
             old = {} if row is None else {d["id"]: d for d in db.documents(p.name)}
