@@ -394,6 +394,7 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
         key = fingerprint(routable, self._settings)
         cur = self._router_cache
         if cur is not None and cur.key == key:
+            self._attach_ann(cur)
             return cur
         stored = self.store.routing_get("gate")
         if stored is not None and stored[0] == key:
@@ -427,9 +428,13 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
     def _attach_ann(self, router) -> None:
         """Index the centroids with hnswlib once they are many (persisted, keyed by the gate)."""
         C = router.gate.centroids_
-        if len(C) < int(self._settings["ann_min_centroids"]):
-            return
         ef = int(self._settings["ann_ef"])
+        if len(C) < int(self._settings["ann_min_centroids"]):
+            router.set_ann(None)
+            return
+        if router._ann is not None:
+            router._ann.set_ef(ef)
+            return
         stored = self.store.routing_get("ann:centroids")
         labels = np.arange(len(C), dtype=np.int64)
         if stored is not None and stored[0] == router.key:

@@ -4,7 +4,8 @@ Every expert carries a selection bias ``b_e`` that is added to its logit only wh
 (reported confidences never include it). After each query the bias moves by ``rate`` toward the
 expert's fair share: an expert is *eligible* for a query when its logit is within ``margin`` of the
 best one (the near-equivalent candidates); its expected load is ``min(k, |eligible|) / |eligible|``
-per eligible query, and ``b_e += rate * sign(expected_e - load_e)``, bounded to ``[-max_bias, max_bias]``.
+per eligible query, and ``b_e += rate * (expected_e - load_e)``, bounded to ``[-max_bias, max_bias]``. Over
+the eligible set the steps sum to zero, so the biases stay centred instead of drifting to the bound.
 Distinct experts are rarely eligible together, so their decisions are left alone; replicas are evened out.
 """
 from __future__ import annotations
@@ -27,8 +28,8 @@ def expected_share(elig_row: np.ndarray, k: int) -> np.ndarray:
 
 
 def bias_step(bias: np.ndarray, load: np.ndarray, expected: np.ndarray, rate: float, max_bias: float) -> np.ndarray:
-    """One bounded sign update of ``bias`` ``(E,)`` from a step's ``load`` and ``expected`` ``(E,)``."""
-    step = rate * np.sign(np.asarray(expected, np.float64) - np.asarray(load, np.float64))
+    """One bounded update of ``bias`` ``(E,)`` toward the fair share: ``+rate * (expected - load)``."""
+    step = rate * (np.asarray(expected, np.float64) - np.asarray(load, np.float64))
     return np.clip(np.asarray(bias, np.float64) + step, -max_bias, max_bias)
 
 
