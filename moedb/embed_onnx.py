@@ -442,7 +442,10 @@ class OnnxMiniLMEmbedder:
         self.max_length = max_length
         self.threads = threads
         self.name = DEFAULT_MODEL if model_path is None else os.path.basename(str(model_path).rstrip("/"))
-        self.dim = DEFAULT_DIM
+        self.dim = DEFAULT_DIM if model_path is None else _hidden_size(Path(model_path))
+        if model_path is not None:
+            # files record "onnx-minilm" as the bundled model; another folder is a custom embedder
+            self.kind = "onnx"
         self.model_file_: Optional[Path] = None
         self._session = None
         self._tokenizer = None
@@ -455,6 +458,7 @@ class OnnxMiniLMEmbedder:
                 from tokenizers import Tokenizer
 
                 folder = Path(default_model_path() if self.model_path is None else self.model_path)
+                _check_pipeline(folder)
                 self.model_file_ = cached_model(folder, None if self.cache is None else Path(self.cache))
                 source = str(self.model_file_) if self.model_file_ else export_model(folder)[0]
                 max_len = self.max_length or _st_max_length(folder)
@@ -498,6 +502,32 @@ class OnnxMiniLMEmbedder:
 
     def __repr__(self) -> str:
         return f"<OnnxMiniLMEmbedder {self.name!r} dim={self.dim}>"
+
+
+def _hidden_size(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / "config.json").read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"ONNX embedder: cannot read hidden_size from {folder / 'config.json'}: {e}") from None
+
+
+def _check_pipeline(folder: Path) -> None:
+    """The folder must be transformer -> mean pooling (-> normalize): what the ONNX graph computes."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        return  # a bare transformers folder: sentence-transformers also defaults to mean pooling
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            try:
+                cfg = json.loads((folder / m.get("path", "") / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            modes = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode") and v)
+            if modes != ["pooling_mode_mean_tokens"]:
+                raise ConfigError(f"ONNX embedder: {folder} pools with {modes}; only mean pooling is supported")
+        elif not m.get("type", "").endswith(("Transformer", "Normalize")):
+            raise ConfigError(f"ONNX embedder: {folder} has a {m.get('type')} module; not supported")
 
 
 def _st_max_length(folder: Path) -> int:

@@ -232,6 +232,32 @@ def test_a_different_model_gets_a_different_cache_key(tmp_path):
     assert eo.model_fingerprint(src, tmp_path / "cache") == a["digest"]   # stamped digest is stable
 
 
+def test_unwritable_cache_builds_in_memory(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    before = eo.EXPORTS
+    emb = eo.OnnxMiniLMEmbedder(cache=str(blocker / "cache"))
+    v = emb.embed(["knead the dough"])
+    assert emb.model_file_ is None and eo.EXPORTS == before + 1
+    assert "not writable" in capsys.readouterr().err
+    assert v.shape == (1, 384)
+
+
+def test_other_model_folders(tmp_path):
+    src = pathlib.Path(default_model_path())
+    other = tmp_path / "cls-model"
+    (other / "1_Pooling").mkdir(parents=True)
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "modules.json"):
+        (other / name).symlink_to(src / name)
+    pool = json.loads((src / "1_Pooling" / "config.json").read_text())
+    (other / "1_Pooling" / "config.json").write_text(
+        json.dumps({**pool, "pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True}))
+    emb = eo.OnnxMiniLMEmbedder(model_path=str(other), cache=str(tmp_path / "cache"))
+    assert (emb.name, emb.dim, emb.kind) == ("cls-model", 384, "onnx")   # not recorded as the bundled model
+    with pytest.raises(ConfigError, match="only mean pooling"):
+        emb.embed(["hello"])
+
+
 # ---------------------------------------------------------------------- selection
 def test_default_fast_embedder_and_the_override(monkeypatch):
     monkeypatch.delenv("MOEDB_EMBEDDER", raising=False)
