@@ -1,0 +1,86 @@
+"""Two processes on one file: one writes while another routes (WAL + busy timeout)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+import moedb
+
+DIM = 16
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np, moedb
+    path, n = sys.argv[1], int(sys.argv[2])
+    rng = np.random.default_rng(7)
+    with moedb.connect(path, embedder=moedb.VectorsOnly({dim})) as d:
+        for i in range(n):
+            v = rng.normal(size=(20, {dim}))
+            v[:, i % {dim}] += 6.0                      # each new expert owns one axis
+            d.add_expert(f"w{{i}}", [f"w{{i}} doc {{j}}" for j in range(20)], vectors=v)
+    print("writer done")
+""").format(dim=DIM)
+
+READER = textwrap.dedent("""
+    import sys, numpy as np, moedb
+    path, n = sys.argv[1], int(sys.argv[2])
+    seen, routes, bad = set(), 0, 0
+    with moedb.connect(path, embedder=moedb.VectorsOnly({dim})) as d:
+        q = np.zeros({dim}); q[0] = 1.0
+        for _ in range(n):
+            r = d.route(q, top_k=3, k=5, min_confidence=0.0)
+            routes += 1
+            names = [e.name for e in r.experts]
+            seen.update(names)
+            # every hit must belong to a chosen expert and exist (never a half-written expert)
+            if any(h.expert not in names for h in r.hits) or (names and not r.hits):
+                bad += 1
+    print(routes, len(seen), bad)
+""").format(dim=DIM)
+
+
+def test_one_process_writes_while_another_routes(tmp_path):
+    path = str(tmp_path / "shared.db")
+    rng = np.random.default_rng(0)
+    with moedb.connect(path, embedder=moedb.VectorsOnly(DIM)) as d:
+        d.add_expert("seed", ["s"], vectors=rng.normal(size=(1, DIM)))
+    (tmp_path / "w.py").write_text(WRITER)
+    (tmp_path / "r.py").write_text(READER)
+    writer = subprocess.Popen([sys.executable, str(tmp_path / "w.py"), path, "40"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen([sys.executable, str(tmp_path / "r.py"), path, "400"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    wout, werr = writer.communicate(timeout=300)
+    rout, rerr = reader.communicate(timeout=300)
+    assert writer.returncode == 0, werr
+    assert reader.returncode == 0, rerr
+    assert "writer done" in wout
+    routes, seen, bad = map(int, rout.split())
+    assert routes == 400 and bad == 0
+    with moedb.connect(path, embedder=moedb.VectorsOnly(DIM)) as d:
+        assert len(d.experts()) == 41
+        assert d.store.query_log_count() == 400  # every route of the reader was logged despite the writer
+        # the reader's process saw the writer's new experts while it ran (cache refresh across processes)
+        q = np.zeros(DIM)
+        q[5] = 1.0
+        assert d.route(q, top_k=1, min_confidence=0.0, log=False).experts[0].name in {f"w{i}" for i in range(5, 40, DIM)}
+    assert seen >= 2
+
+
+def test_a_reader_sees_new_experts_without_reopening(tmp_path):
+    path = str(tmp_path / "x.db")
+    a = moedb.connect(path, embedder=moedb.VectorsOnly(DIM))
+    b = moedb.connect(path, embedder=moedb.VectorsOnly(DIM))
+    try:
+        v = np.eye(DIM)[:1]
+        a.add_expert("first", ["f"], vectors=v)
+        assert [e.name for e in b.route(v[0], top_k=5, min_confidence=0.0, log=False).experts] == ["first"]
+        a.add_expert("second", ["s"], vectors=np.eye(DIM)[1:2])
+        assert b.route(np.eye(DIM)[1], top_k=1, min_confidence=0.0, log=False).experts[0].name == "second"
+        a.remove_documents("second", [a.documents("second")[0]["id"]])
+        assert [e.name for e in b.route(np.eye(DIM)[1], top_k=5, min_confidence=0.0, log=False).experts] == ["first"]
+    finally:
+        a.close()
+        b.close()
