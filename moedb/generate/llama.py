@@ -8,13 +8,14 @@ once per group instead of being swapped back and forth. :func:`llama_stats` repo
 counts (model loads, adapter loads, adapter switches, generations) so this can be checked.
 
 Config fields: ``model`` (GGUF path), ``lora`` (adapter GGUF path), ``lora_scale`` (1.0),
-``n_ctx`` (2048), ``n_threads``, ``mode`` (``auto``: chat when the GGUF has a chat template,
-else a plain completion prompt), and the common ``system_prompt``, ``max_tokens``, ``temperature``,
-``top_p``, ``seed``, ``stop``, ``timeout``, ``retries``.
+``n_ctx`` (2048), ``n_threads`` (half the cores, for prompts and generation alike), ``mode``
+(``auto``: chat when the GGUF has a chat template, else a plain completion prompt), and the common
+``system_prompt``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``timeout``, ``retries``.
 """
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 from typing import Any, Optional
@@ -35,9 +36,10 @@ class _SharedModel:
             raise GenerationError(f"llama-cpp-python is not installed (pip install 'moedb[llama]'): {e}",
                                   retryable=False) from None
         self.llama_cpp = llama_cpp
-        kw: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False}
-        if n_threads:
-            kw["n_threads"] = n_threads
+        # The same thread count for prompt processing and generation (llama-cpp-python's default uses
+        # every core for prompts, which makes threads spin against each other on a busy machine).
+        threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
+        kw: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False, "n_threads": threads, "n_threads_batch": threads}
         try:
             self.llm = llama_cpp.Llama(model_path=path, **kw)
         except Exception as e:
