@@ -11,6 +11,23 @@ from .cli import JSON_OPT, app, bar, console, emit_json, open_db, progress_bar
 from .errors import InvalidInput
 
 
+class _LazyBar:
+    """A progress bar that appears on the first progress report (so an early error prints alone)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(self.label).__enter__()
+        self.bar(done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
 @app.command()
 def feedback(ctx: typer.Context, query_id: int = typer.Argument(..., help="Query id printed by `moedb route`."),
              expert: str = typer.Argument(..., help="The expert the feedback is about."),
@@ -36,8 +53,12 @@ def feedback(ctx: typer.Context, query_id: int = typer.Argument(..., help="Query
 def ingest_feedback(ctx: typer.Context, path: str = typer.Argument(..., help="JSONL file, one event per line."),
                     json_out: bool = JSON_OPT) -> None:
     """Ingest a JSONL file of feedback events (re-running it adds nothing twice)."""
-    with open_db(ctx) as db, progress_bar(f"ingesting {os.path.basename(path)} (bytes)") as pb:
-        out = db.ingest_feedback(path, progress=pb)
+    pb = _LazyBar(f"ingesting {os.path.basename(path)} (bytes)")
+    try:
+        with open_db(ctx) as db:
+            out = db.ingest_feedback(path, progress=pb)
+    finally:
+        pb.close()
     if json_out:
         emit_json(out)
         return

@@ -210,10 +210,10 @@ class LifecycleSQL:
             "SELECT expert_id, count(*), sum(reward > 0), sum(reward < 0), avg(reward) FROM feedback "
             f"WHERE {w} GROUP BY expert_id", p)}
 
-    def confused_pairs(self, margin: float) -> list[tuple[int, int, int]]:
-        """``(first expert id, second expert id, routes)`` where the top two confidences of a logged
-        route differ by less than ``margin`` (the router could hardly tell them apart)."""
+    def confused_pairs(self, ratio: float) -> list[tuple[int, int, int]]:
+        """``(first expert id, second expert id, routes)`` where the second confidence of a logged
+        route is at least ``ratio`` times the first (the router could hardly tell them apart)."""
         return self.q(
             "SELECT a.expert_id, b.expert_id, count(*) FROM query_choices a JOIN query_choices b "
-            "ON b.query_id = a.query_id AND b.rank = 1 WHERE a.rank = 0 AND a.confidence - b.confidence < ? "
-            "GROUP BY a.expert_id, b.expert_id", (float(margin),))
+            "ON b.query_id = a.query_id AND b.rank = 1 WHERE a.rank = 0 AND b.confidence >= ? * a.confidence "
+            "GROUP BY a.expert_id, b.expert_id", (float(ratio),))

@@ -147,13 +147,12 @@ class LifecycleMixin(FeedbackMixin):
         Every document moves to exactly one child; children are named ``NAME/1``, ``NAME/2``…
         (the first free numbers) unless ``names`` are given, and take the original as parent,
         which stays as a pure parent without documents. Feedback on the original follows the
-        child nearest to its query. Returns ``{"expert", "n", "chosen_by", "silhouette",
+        child nearest to its query. The gate is refitted in the same transaction. Returns ``{"expert", "n", "chosen_by", "silhouette",
         "children": [{"name", "size"}]}``.
         """
         with self.store.atomic():
             out = self._split(name, n, names, max_n, seed)
-        self._touch()
-        self.refit_router()
+            self.refit_router()
         return out
 
     def _split(self, name: str, n: Optional[int], names: Optional[Sequence[str]], max_n: Optional[int],
@@ -208,13 +207,12 @@ class LifecycleMixin(FeedbackMixin):
 
         Documents are conserved (a clashing document id gets a ``~N`` suffix), feedback and
         logged choices of the merged experts are pointed at the target, their children move
-        under it, and the centroid and gate are updated. Returns ``{"into", "merged", "size",
+        under it, and the centroid and gate are updated in the same transaction. Returns ``{"into", "merged", "size",
         "moved": {"documents", "feedback", "log_choices"}, "created"}``.
         """
         with self.store.atomic():
             out = self._merge(names, into, description)
-        self._touch()
-        self.refit_router()
+            self.refit_router()
         return out
 
     def _merge(self, names: Sequence[str], into: str, description: Optional[str]) -> dict[str, Any]:
@@ -298,17 +296,20 @@ class LifecycleMixin(FeedbackMixin):
         return {"old": old, "new": new, "id": row["id"]}
 
     # ------------------------------------------------------------------ optimize
-    def optimize(self, apply: bool = False, *, merge_similarity: float = 0.95, confusion_rate: float = 0.3,
-                 confusion_margin: float = 0.05, min_confused: int = 10, overload: float = 2.0,
-                 min_split_size: int = 8, min_silhouette: float = 0.1, seed: int = 0) -> dict[str, Any]:
+    def optimize(self, apply: bool = False, *, merge_similarity: float = 0.95, confusion_ratio: float = 0.5,
+                 confusion_rate: float = 0.3, min_confused: int = 10, incoherence: float = 2.0, overload: float = 2.0,
+                 min_load: int = 50, min_split_size: int = 8, min_silhouette: float = 0.1,
+                 seed: int = 0) -> dict[str, Any]:
         """Propose merges, splits and a retrain, each with the evidence behind it.
 
         - merge: two experts whose centroids have cosine >= ``merge_similarity``, or that the
-          log shows the router confusing (top-two confidences within ``confusion_margin`` on at
-          least ``min_confused`` routes and ``confusion_rate`` of their combined top routes);
-        - split: an expert less coherent than the median expert (mean cosine of its documents
-          to its centroid) or overloaded (top-route share >= ``overload`` x the even share),
-          whose k-means split reaches a silhouette >= ``min_silhouette``;
+          log shows the router confusing (second confidence >= ``confusion_ratio`` x the first
+          on at least ``min_confused`` routes and ``confusion_rate`` of their combined top routes);
+        - split: an incoherent expert (its spread, 1 - mean cosine of its documents to its
+          centroid, is >= ``incoherence`` x the median expert's) or an overloaded one (top-route
+          share >= ``overload`` x the even share, once the log holds ``min_load`` top routes),
+          with at least ``min_split_size`` documents, whose k-means split reaches a silhouette
+          >= ``min_silhouette``;
         - retrain: feedback arrived since the last retrain.
 
         ``apply=True`` carries the whole plan out in one transaction. Returns ``{"proposals":
@@ -324,7 +325,7 @@ class LifecycleMixin(FeedbackMixin):
             C = _unit(np.stack([r["vec_sum"] for r in leaves]).astype(np.float32))
             S = C @ C.T
             confused: dict[tuple[int, int], int] = {}
-            for a, b, c in self.store.confused_pairs(confusion_margin):
+            for a, b, c in self.store.confused_pairs(confusion_ratio):
                 key = (min(a, b), max(a, b))
                 confused[key] = confused.get(key, 0) + c
             cands = []
@@ -362,8 +363,8 @@ class LifecycleMixin(FeedbackMixin):
                 if r["id"] in used or r["size"] < min_split_size:
                     continue
                 share = tops[r["id"]] / total_top if total_top else 0.0
-                incoherent = len(leaves) > 1 and coh[r["id"]] < median
-                overloaded = total_top > 0 and share >= overload * even and len(leaves) > 1
+                incoherent = len(leaves) > 1 and 1.0 - coh[r["id"]] >= incoherence * (1.0 - median)
+                overloaded = total_top >= min_load and share >= overload * even and len(leaves) > 1
                 if not (incoherent or overloaded):
                     continue
                 _, X = self._expert_docs(r)
@@ -373,7 +374,8 @@ class LifecycleMixin(FeedbackMixin):
                     continue
                 why = []
                 if incoherent:
-                    why.append(f"coherence {coh[r['id']]:.3f} below the median expert's {median:.3f}")
+                    why.append(f"spread {1 - coh[r['id']]:.3f} is {(1 - coh[r['id']]) / max(1 - median, 1e-9):.1f}x "
+                               f"the median expert's {1 - median:.3f}")
                 if overloaded:
                     why.append(f"takes {share:.0%} of routes ({share / even:.1f}x an even share)")
                 why.append(f"k-means finds {k} groups (silhouette {best:.3f})")
