@@ -272,10 +272,14 @@ def test_default_fast_embedder_and_the_override(monkeypatch):
 
 
 def test_missing_runtime_falls_back(monkeypatch):
+    """onnxruntime cannot be uninstalled for a test: its absence is simulated at the find_spec lookup."""
     real = eo.importlib.util.find_spec
     monkeypatch.delenv("MOEDB_EMBEDDER", raising=False)
     monkeypatch.setattr(eo.importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a))
     assert eo.default_fast_embedder() is None
+    monkeypatch.setenv("MOEDB_EMBEDDER", "onnx")
+    with pytest.raises(ConfigError, match="onnxruntime"):
+        eo.default_fast_embedder()
 
 
 # ---------------------------------------------------------------------- files built either way
