@@ -85,6 +85,8 @@ def _raw(a: np.ndarray) -> bytes:
 
 def _tensor(name: str, a: np.ndarray, external: Optional[tuple[str, int, int]] = None) -> bytes:
     """TensorProto: raw little-endian data inline, or ``external=(file, offset, length)``."""
+    if a.dtype not in _ONNX_DTYPE:
+        raise TypeError(f"unsupported tensor dtype {a.dtype}")
     head = b"".join(_int(1, d) for d in a.shape) + _int(2, _ONNX_DTYPE[a.dtype]) + _len(8, name)
     if external is None:
         return head + _len(9, _raw(a))
