@@ -12,8 +12,8 @@ Per strategy it reports the median per question of:
 - ``gen``: moedb's generation stage, ``llama``: time inside llama.cpp's ``create_completion`` during
   it (instrumented), ``synth``: the strategy's own work (scoring, merging),
 - ``total``: the whole ``ask``,
-- ``direct``: the same llama.cpp calls (same prompts, adapters, parameters), replayed directly
-  on the backend right after, and ``ratio`` = total / direct (moedb's own overhead on top of the
+- ``direct``: the same llama.cpp calls (same prompts, adapters and adapter switches, parameters,
+  cold KV cache), replayed directly on the backend right after, and ``ratio`` = total / direct (moedb's own overhead on top of the
   generations it needs; routing and retrieval included).
 
 Then parallel against sequential wall time with two experts, once on one shared base model (requests
@@ -104,11 +104,21 @@ class Recorder:
         calls, self.calls = self.calls, []
         return calls
 
-    def replay(self, calls: list[tuple]) -> float:
-        """Run the same llama.cpp calls directly; returns seconds."""
+    @staticmethod
+    def snapshot() -> list[tuple]:
+        """The active adapter of every loaded model (restored before a replay: same switches)."""
+        from moedb.generate import llama as L
+
+        return [(m, m.active) for m in L._POOL.values()]
+
+    def replay(self, calls: list[tuple], before: list[tuple]) -> float:
+        """Run the same llama.cpp calls directly, from the same adapter state; returns seconds."""
+        for shared, (lora, scale) in before:
+            shared.activate(lora, scale)
         t0 = time.perf_counter()
         for shared, (lora, scale), prompt, a, kw, _ in calls:
             shared.activate(lora, scale)
+            shared.llm.reset()  # no head start from the KV cache of the call being replayed
             kw = {k: v for k, v in kw.items() if k != "stopping_criteria"}
             self.orig(shared.llm, prompt, *a, **kw)
         return time.perf_counter() - t0
@@ -120,7 +130,7 @@ def med(xs) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--queries", type=int, default=6)
+    ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
     model = SHARED / "models" / "stories260K.gguf"
@@ -148,32 +158,37 @@ def main() -> None:
     db.ask(queries[0], top_k=2, k=2)  # warm up: model load, embedder, caches
     rec.take()
 
-    rows = []
-    for strategy in STRATEGIES:
-        kw = {"rounds": 2} if strategy == "debate" else {}
-        kw.update({"options": {"min_score": 0.5}} if strategy == "cascade" else {})
-        m: dict[str, list[float]] = {k: [] for k in ("route", "retr", "gen", "llama", "synth", "total", "direct",
-                                                      "calls")}
-        for q in queries:
+    # round-robin: every question goes through every strategy in turn, so machine load hits all alike
+    m = {st: {k: [] for k in ("route", "retr", "gen", "llama", "synth", "total", "direct", "calls")}
+         for st in STRATEGIES}
+    for i, q in enumerate(queries):
+        order = STRATEGIES if i % 2 == 0 else STRATEGIES[::-1]
+        for strategy in order:
+            kw = {"rounds": 2} if strategy == "debate" else {}
+            kw.update({"options": {"min_score": 0.5}} if strategy == "cascade" else {})
             t0 = time.perf_counter()
             db.route(q, top_k=2, k=0, log=False)
             t1 = time.perf_counter()
             db.route(q, top_k=2, k=4, log=False)
             t2 = time.perf_counter()
-            m["route"].append((t1 - t0) * 1e3)
-            m["retr"].append(max((t2 - t1) - (t1 - t0), 0.0) * 1e3)
+            mm = m[strategy]
+            mm["route"].append((t1 - t0) * 1e3)
+            mm["retr"].append(max((t2 - t1) - (t1 - t0), 0.0) * 1e3)
+            before = rec.snapshot()
             t0 = time.perf_counter()
             a = db.ask(q, top_k=2, k=2, strategy=strategy, **kw)
             total = (time.perf_counter() - t0) * 1e3
             calls = rec.take()
-            direct = rec.replay(calls) * 1e3
-            m["gen"].append(a.latency["generation_ms"])
-            m["synth"].append(a.latency["synthesis_ms"])
-            m["llama"].append(sum(c[-1] for c in calls) * 1e3)
-            m["total"].append(total)
-            m["direct"].append(direct)
-            m["calls"].append(len(calls))
-        row = {"strategy": strategy, **{k: med(v) for k, v in m.items()}}
+            direct = rec.replay(calls, before) * 1e3
+            mm["gen"].append(a.latency["generation_ms"])
+            mm["synth"].append(a.latency["synthesis_ms"])
+            mm["llama"].append(sum(c[-1] for c in calls) * 1e3)
+            mm["total"].append(total)
+            mm["direct"].append(direct)
+            mm["calls"].append(len(calls))
+    rows = []
+    for strategy in STRATEGIES:
+        row = {"strategy": strategy, **{k: med(v) for k, v in m[strategy].items()}}
         row["ratio"] = row["total"] / row["direct"] if row["direct"] > 0 else float("nan")
         rows.append(row)
 
@@ -192,16 +207,15 @@ def main() -> None:
     for label, separate in (("one shared base model", False), ("two model instances", True)):
         if separate:  # a different n_ctx makes a second, independent llama.cpp model in the pool
             db.set_generator("kids", {**base_cfg, "lora": loras["kids"], "n_ctx": 384})
-        res = {}
-        for collab in ("parallel", "sequential"):
-            ts, toks = [], []
-            for q in queries:
+        res = {"parallel": ([], []), "sequential": ([], [])}
+        for i, q in enumerate(queries):
+            for collab in (("parallel", "sequential") if i % 2 == 0 else ("sequential", "parallel")):
                 t0 = time.perf_counter()
                 a = db.ask(q, top_k=2, k=2, strategy="concatenate", collaboration=collab)
-                ts.append((time.perf_counter() - t0) * 1e3)
-                toks.append(a.usage["prompt_tokens"])
+                res[collab][0].append((time.perf_counter() - t0) * 1e3)
+                res[collab][1].append(a.usage["prompt_tokens"])
                 rec.take()
-            res[collab] = (med(ts), med(toks))
+        res = {c: (med(ts), med(toks)) for c, (ts, toks) in res.items()}
         par_rows.append({"setup": label, "parallel_ms": res["parallel"][0], "sequential_ms": res["sequential"][0],
                          "parallel_prompt_tokens": res["parallel"][1],
                          "sequential_prompt_tokens": res["sequential"][1],
