@@ -31,8 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "min_confidence": None,   # None = the threshold calibrated on held-out documents; 0.0 = never abstain
     "refuse_rate": 0.03,      # share of in-scope held-out documents the calibrated threshold refuses
     "min_heldout": 30,        # fewer held-out documents than this: no calibrated abstention
-    "gate_l2": 1e-4,          # ridge penalty of the softmax-regression gate
-    "gate_folds": 3,          # cross-fitting folds for the mix weights and the threshold
+    "gate_C": 30.0,           # inverse ridge strength of the gate (as in scikit-learn); chosen on CLINC val
+    "gate_folds": 3,          # cross-fitting folds for the mix weights and the threshold (< 2: no calibration)
+    "gate_max_iter": 300,     # L-BFGS iterations of the gate fit
     "lexical": True,          # keyword/BM25 signal in the mix
     "balance": True,          # load balancing among near-equivalent experts
     "balance_rate": 0.01,     # bias step per routed query (logit units)

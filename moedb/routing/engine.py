@@ -19,7 +19,7 @@ def fingerprint(rows: Sequence[dict], settings: dict[str, Any]) -> str:
     h = hashlib.sha1()
     for r in rows:
         h.update(f"{r['id']}:{r['version']};".encode())
-    for k in ("gate_l2", "gate_folds", "refuse_rate", "lexical"):
+    for k in ("gate_C", "gate_folds", "gate_max_iter", "refuse_rate", "lexical", "min_heldout"):
         h.update(f"{k}={settings.get(k)!r};".encode())
     return h.hexdigest()
 
@@ -66,9 +66,10 @@ class Router:
                     W[:, col[r["id"]]] = previous.gate.coef_[:, j]
                     b[col[r["id"]]] = previous.gate.intercept_[j]
             warm = (W, b)
-        gate = HybridGate(l2=float(settings.get("gate_l2", 1e-4)), folds=int(settings.get("gate_folds", 3)),
+        gate = HybridGate(C=float(settings.get("gate_C", 30.0)), folds=int(settings.get("gate_folds", 3)),
                           refuse_rate=float(settings.get("refuse_rate", 0.03)),
                           lexical=bool(settings.get("lexical", True)),
+                          max_iter=int(settings.get("gate_max_iter", 300)),
                           min_heldout=int(settings.get("min_heldout", 30)))
         gate.fit(groups, texts, keywords=[r.get("keywords") or [] for r in rows],
                  descriptions=[r.get("description") or "" for r in rows], feedback=fb, warm_start=warm)

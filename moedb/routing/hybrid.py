@@ -34,10 +34,10 @@ class HybridGate:
     or ``None``), ``mix_`` ``(3,)``, ``threshold_`` (float), ``figures_`` (dict).
     """
 
-    def __init__(self, l2: float = 1e-4, folds: int = 3, refuse_rate: float = 0.03, docs_per_centroid: int = 25,
+    def __init__(self, C: float = 30.0, folds: int = 3, refuse_rate: float = 0.03, docs_per_centroid: int = 25,
                  max_centroids: int = 8, max_fit_docs: int = 2000, lexical: bool = True, max_iter: int = 300,
                  min_heldout: int = 30, seed: int = 0):
-        self.l2 = l2
+        self.C = C
         self.folds = folds
         self.refuse_rate = refuse_rate
         self.docs_per_centroid = docs_per_centroid
@@ -65,7 +65,7 @@ class HybridGate:
             y = np.concatenate([y, ef[pos]])
             w = np.concatenate([w, rf[pos]])
         neg = rf < 0
-        lr = SoftmaxRegression(self.l2, self.max_iter).fit(
+        lr = SoftmaxRegression(self.C, self.max_iter).fit(
             X, y, E, sample_weight=w, X_neg=Xf[neg] if neg.any() else None, y_neg=ef[neg] if neg.any() else None,
             w_neg=-rf[neg] if neg.any() else None, warm_start=warm)
         lex = None

@@ -15,12 +15,13 @@ from .gating import log_softmax
 class SoftmaxRegression:
     """``p(e | x) = softmax(x @ coef_ + intercept_)``.
 
-    ``l2``: ridge penalty on ``coef_`` (per example, i.e. the loss is a weighted mean).
+    ``C``: inverse ridge strength as in scikit-learn (loss = ``C * sum(w_i * nll_i) + ||W||^2 / 2``);
+    ``tol``: gradient tolerance of L-BFGS on the mean loss.
     Learned: ``coef_`` ``(d, E)`` float32, ``intercept_`` ``(E,)`` float32, ``n_iter_``.
     """
 
-    def __init__(self, l2: float = 1e-4, max_iter: int = 300, tol: float = 1e-7):
-        self.l2 = l2
+    def __init__(self, C: float = 10.0, max_iter: int = 300, tol: float = 1e-5):
+        self.C = C
         self.max_iter = max_iter
         self.tol = tol
 
@@ -31,34 +32,34 @@ class SoftmaxRegression:
         """``X`` ``(n, d)``, ``y`` ``(n,)`` in ``[0, n_classes)``; counter-examples ``X_neg`` ``(m, d)``, ``y_neg`` ``(m,)``."""
         from scipy.optimize import minimize
 
-        X = np.asarray(X, dtype=np.float64)
+        X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64)
         n, d = X.shape
         E = int(n_classes)
         w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         has_neg = X_neg is not None and len(X_neg) > 0
         if has_neg:
-            Xn = np.asarray(X_neg, dtype=np.float64)
+            Xn = np.asarray(X_neg, dtype=np.float32)
             yn = np.asarray(y_neg, dtype=np.int64)
             wn = np.ones(len(Xn)) if w_neg is None else np.asarray(w_neg, dtype=np.float64)
         total = w.sum() + (wn.sum() if has_neg else 0.0)
         total = total if total > 0 else 1.0
-        Y = np.zeros((n, E))
+        Y = np.zeros((n, E), dtype=np.float32)
         Y[np.arange(n), y] = 1.0
-        l2 = self.l2
+        l2 = 1.0 / (self.C * total)  # sklearn's C, with the loss divided by the total weight
 
         def fg(theta):
             W = theta[:d * E].reshape(d, E)
             b = theta[d * E:]
-            Z = X @ W + b
+            Z = X @ W.astype(np.float32) + b.astype(np.float32)
             lp = log_softmax(Z)
             P = np.exp(lp)
             loss = -(w * lp[np.arange(n), y]).sum()
-            G = (P - Y) * w[:, None]
-            gW = X.T @ G
-            gb = G.sum(axis=0)
+            G = ((P - Y) * w[:, None]).astype(np.float32)
+            gW = (X.T @ G).astype(np.float64)
+            gb = G.sum(axis=0, dtype=np.float64)
             if has_neg:
-                Zn = Xn @ W + b
+                Zn = Xn @ W.astype(np.float32) + b.astype(np.float32)
                 lpn = log_softmax(Zn)
                 pe = np.clip(np.exp(lpn[np.arange(len(Xn)), yn]), 0.0, 1 - 1e-9)
                 loss += -(wn * np.log1p(-pe)).sum()
@@ -66,7 +67,7 @@ class SoftmaxRegression:
                 On = np.zeros_like(Pn)
                 On[np.arange(len(Xn)), yn] = 1.0
                 Gn = (pe / (1 - pe) * wn)[:, None] * (On - Pn)
-                gW += Xn.T @ Gn
+                gW += (Xn.T @ Gn.astype(np.float32)).astype(np.float64)
                 gb += Gn.sum(axis=0)
             loss = loss / total + 0.5 * l2 * (W * W).sum()
             gW = gW / total + l2 * W
@@ -79,7 +80,7 @@ class SoftmaxRegression:
             theta0[:d * E] = np.asarray(W0, dtype=np.float64).ravel()
             theta0[d * E:] = np.asarray(b0, dtype=np.float64)
         res = minimize(fg, theta0, jac=True, method="L-BFGS-B",
-                       options={"maxiter": self.max_iter, "gtol": self.tol, "ftol": 1e-10})
+                       options={"maxiter": self.max_iter, "gtol": self.tol, "ftol": 1e-12})
         self.coef_ = res.x[:d * E].reshape(d, E).astype(np.float32)
         self.intercept_ = res.x[d * E:].astype(np.float32)
         self.n_iter_ = int(res.nit)

@@ -1,0 +1,129 @@
+"""Load balancing on CLINC150 replicas: skewed traffic, load spread across replicas with and without balancing.
+
+Every intent's train utterances are split at random into ``--replicas`` near-equivalent experts. Traffic
+is drawn from the test split with a Zipf skew over queries (popular questions repeat), routed one batch
+at a time through the query log as an application would. For each run we report, over intents, the
+coefficient of variation (CV) and max/mean of the load across an intent's replicas, and the
+intent-level accuracy (the chosen replica belongs to the right intent). Same embeddings, same run.
+
+    python benches/bench_balance.py [--replicas 3] [--queries 6000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_routing import LookupEmbedder  # noqa: E402
+from clinc import OUT, SPLITS, embed_cached, find_shared, load_clinc  # noqa: E402
+
+
+def build(path, data, table, replicas, seed=0):
+    import moedb
+
+    fresh = not path.exists()
+    db = moedb.connect(str(path), embedder=LookupEmbedder(table))
+    if fresh:
+        db.configure(gate_folds=2)
+        rng = np.random.default_rng(seed)
+        tr = data["train"]
+        lab = np.array(tr["labels"])
+        for n in data["intents"]:
+            rows = rng.permutation(np.flatnonzero(lab == n))
+            for r in range(replicas):
+                part = rows[r::replicas]
+                db.add_expert(f"{n}#{r}", [{"text": tr["texts"][i], "id": str(i)} for i in part],
+                              vectors=tr["X"][part])
+    return db
+
+
+def run(db, texts, labels, balance: bool, batch: int = 50):
+    db.configure(balance=balance, min_confidence=0.0)
+    db.reset_balance()
+    chosen = []
+    t = time.perf_counter()
+    for s in range(0, len(texts), batch):
+        for r in db.route_many(texts[s:s + batch], top_k=1, k=0):
+            chosen.append(r.experts[0].name)
+    secs = time.perf_counter() - t
+    intent = [c.split("#")[0] for c in chosen]
+    acc = float(np.mean([a == b for a, b in zip(intent, labels)]))
+    loads: dict[str, dict[str, int]] = {}
+    for c in chosen:
+        n, r = c.split("#")
+        loads.setdefault(n, {}).setdefault(r, 0)
+        loads[n][r] += 1
+    return chosen, acc, loads, secs
+
+
+def spread(loads, replicas, min_traffic=30):
+    """Traffic-weighted mean CV and max/mean across each intent's replicas (intents with enough traffic)."""
+    cvs, mms, ws = [], [], []
+    for n, d in loads.items():
+        v = np.array([d.get(str(r), 0) for r in range(replicas)], dtype=float)
+        if v.sum() < min_traffic:
+            continue
+        cvs.append(v.std() / v.mean())
+        mms.append(v.max() / v.mean())
+        ws.append(v.sum())
+    ws = np.array(ws)
+    return float(np.average(cvs, weights=ws)), float(np.average(mms, weights=ws)), len(ws)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--replicas", type=int, default=3)
+    ap.add_argument("--queries", type=int, default=6000)
+    ap.add_argument("--zipf", type=float, default=1.1, help="skew exponent over test queries")
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args()
+    if find_shared() is None:
+        print("skip: CLINC150 not found under ../shared/data/clinc150")
+        return
+    data = load_clinc()
+    for s in ("train", "test"):
+        data[s]["X"] = embed_cached(data[s]["texts"], f"clinc_{s}")
+    table = {t: v for s in ("train", "test") for t, v in zip(data[s]["texts"], data[s]["X"])}
+    path = OUT / f"bench_balance_r{args.replicas}.db"
+    if args.fresh and path.exists():
+        path.unlink()
+    t = time.perf_counter()
+    db = build(path, data, table, args.replicas)
+    db.route("warm up", log=False)
+    fit_s = time.perf_counter() - t
+    rng = np.random.default_rng(1)
+    te = data["test"]
+    p = 1.0 / np.arange(1, len(te["texts"]) + 1) ** args.zipf
+    order = rng.permutation(len(te["texts"]))
+    pick = order[rng.choice(len(p), size=args.queries, p=p / p.sum())]
+    texts = [te["texts"][i] for i in pick]
+    labels = [te["labels"][i] for i in pick]
+    res = {"replicas": args.replicas, "queries": args.queries, "distinct_queries": int(len(set(pick))),
+           "zipf": args.zipf, "fit_or_load_s": fit_s}
+    for tag, on in (("without balancing", False), ("with balancing", True)):
+        _, acc, loads, secs = run(db, texts, labels, on)
+        cv, mm, n = spread(loads, args.replicas)
+        res[tag] = {"intent_acc": acc, "replica_cv": cv, "replica_max_over_mean": mm, "intents": n,
+                    "ms_per_query": 1000 * secs / len(texts)}
+    st = db.balance_stats()
+    res["bias_abs_max"] = max(abs(e["bias"]) for e in st["experts"].values())
+    db.close()
+    (OUT / "bench_balance.json").write_text(json.dumps(res, indent=2))
+    print(f"\nCLINC150, {args.replicas} replicas per intent ({150 * args.replicas} experts), {args.queries} queries "
+          f"({res['distinct_queries']} distinct, Zipf {args.zipf}) from test, top_k=1")
+    print(f"{'':<20} {'intent acc':>10} {'replica CV':>11} {'max/mean':>9} {'ms/query':>9}")
+    for tag in ("without balancing", "with balancing"):
+        r = res[tag]
+        print(f"{tag:<20} {100 * r['intent_acc']:9.2f}% {r['replica_cv']:11.3f} {r['replica_max_over_mean']:9.2f}"
+              f" {r['ms_per_query']:9.2f}")
+    print(f"(CV and max/mean: traffic-weighted over the {res['with balancing']['intents']} intents with >= 30 queries;"
+          f" max |bias| {res['bias_abs_max']:.2f})")
+
+
+if __name__ == "__main__":
+    main()

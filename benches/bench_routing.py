@@ -1,0 +1,310 @@
+"""CLINC150 routing benchmark: moedb's hybrid gate next to its peers, same MiniLM embeddings, one run.
+
+150 intents are experts (their train utterances are the documents), the 10 domains of domains.json
+are parent experts. Every setting is chosen on train/val (never test): baselines pick their
+hyper-parameter on val, semantic-router fits its threshold on val + oos_val, moedb calibrates itself
+on held-out slices of its own documents. Reported on test (4,500 in-scope + 1,000 out-of-scope).
+
+    python benches/bench_routing.py            # ~5-10 min on 2 busy cores; caches under benches/out/
+    python benches/bench_routing.py --quick    # skip the 1,000-expert latency part
+
+Embeddings are computed once (benches/clinc.py) and served to both moedb and semantic-router through
+their embedder/encoder interfaces by text lookup, so routing latency excludes the embedding.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from clinc import OUT, SPLITS, embed_cached, find_shared, load_clinc  # noqa: E402
+
+
+class LookupEmbedder:
+    """all-MiniLM-L6-v2 vectors served from the precomputed cache (falls back to the model)."""
+
+    name, dim = "all-MiniLM-L6-v2", 384
+
+    def __init__(self, table: dict[str, np.ndarray]):
+        self.table = table
+
+    def embed(self, texts):
+        missing = [t for t in texts if t not in self.table]
+        if missing:
+            from clinc import _embedder
+
+            for t, v in zip(missing, _embedder().embed(missing)):
+                self.table[t] = v
+        return np.stack([self.table[t] for t in texts])
+
+
+def ece(conf, correct, bins=15):
+    from moedb.routing.calibration import ece as _ece
+
+    return _ece(np.asarray(conf), np.asarray(correct), bins)
+
+
+def build_db(path: pathlib.Path, data, table, experts: dict[str, list[int]], parents: dict[str, str] | None,
+             settings: dict[str, Any] | None = None):
+    """A moedb file with one expert per key of ``experts`` (train row indices); reused when it exists."""
+    import moedb
+
+    fresh = not path.exists()
+    db = moedb.connect(str(path), embedder=LookupEmbedder(table), log_queries=False)
+    if fresh:
+        if settings:
+            db.configure(**settings)
+        tr = data["train"]
+        X = data["train"]["X"]
+        for p in sorted(set((parents or {}).values())):
+            db.add_expert(p, description=p.replace("_", " "))
+        for name, rows in experts.items():
+            db.add_expert(name, [{"text": tr["texts"][i], "id": str(i)} for i in rows], vectors=X[rows],
+                          parent=(parents or {}).get(name))
+    return db
+
+
+def route_table(db, texts, top_k=2, **kw):
+    """``(top-1 names, top-2 name lists, top-1 confidences, abstained)`` of ``route_many`` (no retrieval)."""
+    rs = db.route_many(texts, top_k=top_k, k=0, log=False, **kw)
+    names = [r.experts[0].name if r.experts else None for r in rs]
+    top2 = [[e.name for e in r.experts] for r in rs]
+    conf = np.array([r.experts[0].confidence if r.experts else 0.0 for r in rs])
+    return names, top2, conf, np.array([r.abstained for r in rs]), rs
+
+
+def p50_ms(fn, items, warm=20):
+    for x in items[:warm]:
+        fn(x)
+    ts = []
+    for x in items:
+        t = time.perf_counter()
+        fn(x)
+        ts.append((time.perf_counter() - t) * 1000)
+    return float(np.median(ts))
+
+
+# ---------------------------------------------------------------------- baselines
+def baselines(data, intents):
+    ix = {n: i for i, n in enumerate(intents)}
+    Xtr, Xva, Xte = data["train"]["X"], data["val"]["X"], data["test"]["X"]
+    ytr = np.array([ix[l] for l in data["train"]["labels"]])
+    yva = np.array([ix[l] for l in data["val"]["labels"]])
+    yte = np.array([ix[l] for l in data["test"]["labels"]])
+    out = {}
+    C = np.stack([Xtr[ytr == e].mean(0) for e in range(len(intents))])
+    C /= np.linalg.norm(C, axis=1, keepdims=True)
+    S = Xte @ C.T
+    out["nearest centroid"] = {"acc": float((S.argmax(1) == yte).mean()),
+                               "top2": float((np.argsort(-S, 1)[:, :2] == yte[:, None]).any(1).mean())}
+
+    def knn_scores(Q, k):
+        sim = Q @ Xtr.T
+        idx = np.argpartition(-sim, k, axis=1)[:, :k]
+        votes = np.zeros((len(Q), len(intents)))
+        rows = np.arange(len(Q))[:, None]
+        np.add.at(votes, (np.repeat(rows, k, 1), ytr[idx]), sim[rows, idx])
+        return votes
+
+    best_k = max([1, 5, 10, 20], key=lambda k: (knn_scores(Xva, k).argmax(1) == yva).mean())
+    V = knn_scores(Xte, best_k)
+    out[f"kNN vote (k={best_k} on val)"] = {"acc": float((V.argmax(1) == yte).mean()),
+                                            "top2": float((np.argsort(-V, 1)[:, :2] == yte[:, None]).any(1).mean())}
+    from sklearn.linear_model import LogisticRegression
+
+    fits = {c: LogisticRegression(C=c, max_iter=300).fit(Xtr, ytr) for c in (10.0, 100.0)}
+    best_c = max(fits, key=lambda c: (fits[c].predict(Xva) == yva).mean())
+    P = fits[best_c].predict_proba(Xte)
+    out[f"logistic regression (C={best_c:g} on val)"] = {
+        "acc": float((P.argmax(1) == yte).mean()), "top2": float((np.argsort(-P, 1)[:, :2] == yte[:, None]).any(1).mean()),
+        "ece": ece(P.max(1), P.argmax(1) == yte)}
+    return out
+
+
+def semantic_router_peer(data, table, groups: dict[str, list[int]], fit=True, n_latency=300):
+    """aurelio semantic-router's IndexedRouter (top_k=5, mean) over the same vectors."""
+    try:
+        from semantic_router import Route
+        from semantic_router.encoders import DenseEncoder
+        from semantic_router.routers import IndexedRouter
+    except ImportError as e:
+        return {"skipped": f"semantic-router not installed ({e}); pip install 'moedb[bench]'"}
+
+    class Lookup(DenseEncoder):
+        name: str = "all-MiniLM-L6-v2"
+
+        def __call__(self, docs):
+            return [table[d].tolist() for d in docs]
+
+    tr = data["train"]["texts"]
+    routes = [Route(name=n, utterances=[tr[i] for i in rows]) for n, rows in groups.items()]
+    t = time.perf_counter()
+    router = IndexedRouter(encoder=Lookup(), routes=routes, top_k=5, aggregation="mean")
+    out: dict[str, Any] = {"build_s": time.perf_counter() - t}
+    te = data["test"]
+    q = te["texts"][:n_latency]
+    out["p50_ms"] = p50_ms(lambda x: router(x), q)
+    if not fit:
+        return out
+    from semantic_router.routers.base import run
+
+    X = data["val"]["texts"] + data["oos_val"]["texts"]
+    y = data["val"]["labels"] + [None] * len(data["oos_val"]["texts"])
+    rep = router.fit(X, y)
+    out["fit"] = {"method": rep.method if hasattr(rep, "method") else None}
+    scores = run(router._scores_many(te["texts"]))
+    top = [sorted(s, key=s.get, reverse=True)[:2] for s in scores]
+    lab = te["labels"]
+    out["acc"] = float(np.mean([t[0] == y_ for t, y_ in zip(top, lab)]))
+    out["top2"] = float(np.mean([y_ in t for t, y_ in zip(top, lab)]))
+    probs = [router._probs(s) for s in scores]
+    out["ece"] = ece([p[t[0]] for p, t in zip(probs, top)], [t[0] == y_ for t, y_ in zip(top, lab)])
+    picks_in = [router(x) for x in te["texts"]]
+    picks_oos = [router(x) for x in data["oos_test"]["texts"]]
+
+    def name(p):
+        p = p[0] if isinstance(p, list) and p else p
+        return getattr(p, "name", None) if p else None
+
+    out["acc_at_threshold"] = float(np.mean([name(p) == y_ for p, y_ in zip(picks_in, lab)]))
+    out["oos_recall"] = float(np.mean([name(p) is None for p in picks_oos]))
+    return out
+
+
+# ---------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="skip the 1,000-expert latency comparison")
+    ap.add_argument("--fresh", action="store_true", help="rebuild the moedb files (refit the gate)")
+    args = ap.parse_args()
+    if find_shared() is None:
+        print("skip: CLINC150 not found under ../shared/data/clinc150")
+        return
+    data = load_clinc()
+    for s in SPLITS:
+        data[s]["X"] = embed_cached(data[s]["texts"], f"clinc_{s}")
+    table = {t: v for s in SPLITS for t, v in zip(data[s]["texts"], data[s]["X"])}
+    intents = data["intents"]
+    tr_lab = np.array(data["train"]["labels"])
+    groups = {n: np.flatnonzero(tr_lab == n).tolist() for n in intents}
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "bench_routing_clinc150.db"
+    if args.fresh and path.exists():
+        path.unlink()
+    t = time.perf_counter()
+    db = build_db(path, data, table, groups, data["domain_of"])
+    db.route("warm up", log=False)  # fits (or loads) the gate
+    fit_s = time.perf_counter() - t
+    figs = db.router_figures()
+    te, oos = data["test"], data["oos_test"]
+    lab = te["labels"]
+    dom = data["domain_of"]
+    res: dict[str, Any] = {"gate_figures": figs, "fit_or_load_s": fit_s}
+
+    def evaluate(tag, **kw):
+        names, top2, conf, _, rs = route_table(db, te["texts"], min_confidence=0.0, **kw)
+        ok = np.array([a == b for a, b in zip(names, lab)])
+        r = {"acc": float(ok.mean()), "top2": float(np.mean([y in t for t, y in zip(top2, lab)])),
+             "ece": ece(conf, ok), "domain_acc": float(np.mean([dom.get(a) == dom[b] for a, b in zip(names, lab)]))}
+        res[tag] = r
+        return r, rs
+
+    db.configure(balance=False, beam=0)
+    flat, _ = evaluate("moedb flat, no balancing")
+    db.configure(balance=True)
+    bal, _ = evaluate("moedb flat, balancing on (default)")
+    # the calibrated threshold (default) on in-scope and out-of-scope test queries
+    names, _, _, abst, _ = route_table(db, te["texts"])
+    res["calibrated"] = {"threshold": figs["threshold"],
+                         "acc_at_threshold": float(np.mean([a == b for a, b in zip(names, lab)])),
+                         "refused_in_scope": float(abst.mean())}
+    _, _, _, abst_oos, _ = route_table(db, oos["texts"])
+    res["calibrated"]["oos_recall"] = float(abst_oos.mean())
+    # a threshold tuned on val + oos_val instead (best oos recall keeping val accuracy >= 95%)
+    vn, _, vconf, _, _ = route_table(db, data["val"]["texts"], min_confidence=0.0)
+    _, _, oconf, _, _ = route_table(db, data["oos_val"]["texts"], min_confidence=0.0)
+    vok = np.array([a == b for a, b in zip(vn, data["val"]["labels"])])
+    best = 0.0
+    for thr in np.linspace(0, 1, 201):
+        if (vok & (vconf >= thr)).mean() >= 0.95:
+            best = thr
+    names, _, _, abst, _ = route_table(db, te["texts"], min_confidence=float(best))
+    _, _, _, abst_oos, _ = route_table(db, oos["texts"], min_confidence=float(best))
+    res["val_tuned_threshold"] = {"threshold": float(best),
+                                  "acc_at_threshold": float(np.mean([a == b for a, b in zip(names, lab)])),
+                                  "oos_recall": float(abst_oos.mean())}
+    # hierarchy: a beam over the 10 domains
+    db.configure(beam=3, balance=False)
+    _, rs = evaluate("moedb hierarchical (beam 3 of 10 domains)", explain=True)
+    res["moedb hierarchical (beam 3 of 10 domains)"]["leaves_scored"] = float(
+        np.mean([r.explanation["experts_scored"] for r in rs]))
+    db.configure(beam=None, balance=True)
+    # latency per query (embedding excluded: the lookup embedder costs microseconds)
+    q = te["texts"][:300]
+    res["moedb p50_ms (150 experts)"] = p50_ms(lambda x: db.route(x, top_k=2, k=0, log=False), q)
+    res["moedb p50_ms with 5 passages (150 experts)"] = p50_ms(lambda x: db.route(x, top_k=2, k=5, log=False), q)
+    db.close()
+    res["baselines"] = baselines(data, intents)
+    res["semantic-router (150 routes)"] = semantic_router_peer(data, table, groups)
+    if not args.quick:
+        # 1,000 experts: every intent split into 7 replicas (first 1,000), same 15,000 utterances
+        big: dict[str, list[int]] = {}
+        for n in intents:
+            for r in range(7):
+                big[f"{n}#{r}"] = groups[n][r::7]
+        big = dict(list(big.items())[:1000])
+        p2 = OUT / "bench_routing_1000.db"
+        if args.fresh and p2.exists():
+            p2.unlink()
+        t = time.perf_counter()
+        db2 = build_db(p2, data, table, big, None, settings={"gate_folds": 0, "gate_max_iter": 40})
+        db2.route("warm up", log=False)
+        res["moedb 1000 experts fit_or_load_s"] = time.perf_counter() - t
+        res["moedb p50_ms (1000 experts)"] = p50_ms(lambda x: db2.route(x, top_k=2, k=0, log=False), q)
+        db2.close()
+        res["semantic-router (1000 routes)"] = semantic_router_peer(data, table, big, fit=False)
+    (OUT / "bench_routing.json").write_text(json.dumps(res, indent=2, default=float))
+    report(res)
+
+
+def report(res):
+    pct = lambda x: f"{100 * x:5.1f}%" if isinstance(x, float) else "  -  "  # noqa: E731
+    print(f"\nCLINC150 test (4,500 in-scope, 1,000 out-of-scope), all-MiniLM-L6-v2 embeddings for everyone")
+    print(f"{'router':<46} {'acc':>7} {'top-2':>7} {'ECE':>7} {'domain':>7}")
+    rows = [(k, v) for k, v in res.items() if k.startswith("moedb") and isinstance(v, dict)]
+    rows += list(res["baselines"].items())
+    sr = res["semantic-router (150 routes)"]
+    if "acc" in sr:
+        rows.append(("semantic-router IndexedRouter (top_k=5, mean)", sr))
+    for k, v in rows:
+        print(f"{k:<46} {pct(v.get('acc'))} {pct(v.get('top2'))} {pct(v.get('ece'))} {pct(v.get('domain_acc'))}")
+    c, vt = res["calibrated"], res["val_tuned_threshold"]
+    print(f"\nabstention                                      threshold   in-scope acc   refused in-scope   oos recall")
+    print(f"moedb calibrated on its own documents (default) {c['threshold']:9.3f}   {pct(c['acc_at_threshold'])}"
+          f"         {pct(c['refused_in_scope'])}           {pct(c['oos_recall'])}")
+    print(f"moedb threshold tuned on val + oos_val          {vt['threshold']:9.3f}   {pct(vt['acc_at_threshold'])}"
+          f"               -             {pct(vt['oos_recall'])}")
+    if "acc_at_threshold" in sr:
+        print(f"semantic-router fit on val + oos_val                    -   {pct(sr['acc_at_threshold'])}"
+              f"               -             {pct(sr['oos_recall'])}")
+    h = res["moedb hierarchical (beam 3 of 10 domains)"]
+    print(f"\nhierarchy: flat {pct(res['moedb flat, no balancing']['acc'])} vs beam {pct(h['acc'])}, "
+          f"leaves scored {h['leaves_scored']:.1f} of 150")
+    print("\nrouting latency per query, embedding excluded (p50, same machine, same run)")
+    print(f"  150 experts : moedb {res['moedb p50_ms (150 experts)']:.3f} ms   semantic-router "
+          f"{sr['p50_ms']:.3f} ms   ratio x{sr['p50_ms'] / res['moedb p50_ms (150 experts)']:.1f}")
+    if "moedb p50_ms (1000 experts)" in res:
+        s2 = res["semantic-router (1000 routes)"]
+        print(f"  1000 experts: moedb {res['moedb p50_ms (1000 experts)']:.3f} ms   semantic-router "
+              f"{s2['p50_ms']:.3f} ms   ratio x{s2['p50_ms'] / res['moedb p50_ms (1000 experts)']:.1f}")
+    print(f"  (moedb with retrieval of 5 passages, 150 experts: {res['moedb p50_ms with 5 passages (150 experts)']:.3f} ms)")
+
+
+if __name__ == "__main__":
+    main()
