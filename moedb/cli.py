@@ -217,11 +217,13 @@ def route(ctx: typer.Context, query: str,
           min_confidence: Optional[float] = typer.Option(None, "--min-confidence",
                                                          help="Abstain below this (default: the database's)."),
           explain: bool = typer.Option(False, "--explain", help="Show each expert's score components."),
+          context: List[str] = typer.Option(None, "--context", help="An earlier turn of the conversation "
+                                            "(repeatable, oldest first)."),
           json_out: bool = JSON_OPT) -> None:
     """Route a question to the best experts and show their best passages."""
     with open_db(ctx) as db:
-        kwargs = {"explain": True} if explain else {}
-        r = db.route(query, top_k=top_k, k=k, min_confidence=min_confidence, **kwargs)
+        r = db.route(query, top_k=top_k, k=k, min_confidence=min_confidence, explain=explain,
+                     context=list(context) if context else None)
     if json_out:
         emit_json(r.to_dict())
         return
@@ -240,6 +242,14 @@ def route(ctx: typer.Context, query: str,
         if r.path:
             typer.echo("path: " + " > ".join(r.path))
         print_hits(r.hits)
+    if r.explanation:
+        x = r.explanation
+        best = x.get("best_rejected")
+        typer.echo(f"threshold {x['threshold']:.3f}" + (f" (best: {best['name']} at {best['confidence']:.3f})" if best
+                                                         else "") +
+                   f"; scored {x['experts_scored']} of {x['experts_total']} experts; mix " +
+                   ", ".join(f"{k} {v:.2f}" for k, v in x["mix"].items()) +
+                   ("; words: " + ", ".join(t for t, _ in x["lexical_terms"]) if x["lexical_terms"] else ""))
     typer.echo(f"query id {r.query_id}  ({r.latency_ms:.1f} ms)" if r.query_id else f"({r.latency_ms:.1f} ms)")
 
 

@@ -127,6 +127,9 @@ def test_cli_route_explain_json_and_list_tree(tdb, db_path):
     assert d["path"] == ["vehicles", "car-maintenance"] and d["explanation"]["experts_total"] == 3
     out = run_cli(["route", "my brakes squeal when stopping", "--explain"], db_path)
     assert out.returncode == 0 and "lexical" in out.stdout and "vehicles > car-maintenance" in out.stdout
+    out = run_cli(["route", "and how do I rotate them?", "--context", "I created AWS access keys for my IAM user",
+                   "--min-confidence", "0", "--json"], db_path)
+    assert out.returncode == 0 and json.loads(out.stdout)["experts"][0]["name"] == "cloud-credentials"
     out = run_cli(["route", "   "], db_path)
     assert out.returncode == 1 and "query is empty" in out.stderr
     out = run_cli(["route", "brakes", "--top-k", "0"], db_path)
