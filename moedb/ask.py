@@ -227,7 +227,7 @@ class AskMixin:
                    "synthesis_ms": max(strat_s * 1000.0 - gen_ms, 0.0),
                    "total_ms": (time.perf_counter() - t_start) * 1000.0}
         return Answer(text=syn_out.text, contributions=contributions,
-                      citations=self._citations(syn_out.text, contributions), usage=_usage(contributions, synth_c),
+                      citations=self._citations(syn_out.text, contributions, syn_out.used), usage=_usage(contributions, synth_c),
                       latency=latency, extra=syn_out.extra, **common)
 
     def _abstain(self, query: str, fb: Optional[dict], stream, common: dict, route_ms: float, retrieval_ms: float,
@@ -261,10 +261,15 @@ class AskMixin:
                       latency=latency, abstained=True, extra={"fallback": bool(fb)}, **common)
 
     @staticmethod
-    def _citations(text: str, contributions: list[Contribution]) -> list[Citation]:
-        """Passages of the answers the final text uses (those quoted in it, else every successful one)."""
+    def _citations(text: str, contributions: list[Contribution], used_experts: Optional[list[str]] = None
+                   ) -> list[Citation]:
+        """Passages of the answers the final text stands on: the strategy's ``used`` experts, else the
+        answers quoted in the text, else every successful answer."""
         ok = [c for c in contributions if c.ok and c.role == "expert"]
-        used = [c for c in ok if c.answer and c.answer in text] or ok
+        if used_experts is not None:
+            used = [c for c in ok if c.expert in used_experts]
+        else:
+            used = [c for c in ok if c.answer and c.answer in text] or ok
         seen, out = set(), []
         for c in used:
             for h in c.citations:

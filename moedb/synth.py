@@ -88,6 +88,7 @@ class Synthesis:
     contributions: list[Contribution]
     extra: dict[str, Any] = field(default_factory=dict)
     streamed: bool = False
+    used: Optional[list[str]] = None  # experts whose answers the text stands on (None: those quoted in it)
 
 
 class Session:
@@ -212,8 +213,9 @@ def _weights(cs: list[Contribution]) -> None:
 
 
 def normalize_answer(text: str) -> str:
-    """The form voting compares: lower case, citations ``[n]`` and punctuation removed, spaces collapsed."""
-    t = re.sub(r"\[\d+\]", " ", text.lower())
+    """The form voting compares: lower case, citations (``[1]``, ``[expert: source]``) and punctuation
+    removed, spaces collapsed."""
+    t = re.sub(r"\[[^\]]*\]", " ", text.lower())
     t = re.sub(r"[^\w\s]", " ", t)
     return " ".join(t.split())
 
@@ -331,7 +333,7 @@ def voting(s: Session) -> Synthesis:
     extra = {"tally": [{"answer": max(v, key=lambda c: c.confidence).answer, "votes": len(v),
                         "experts": [c.expert for c in v]} for _, v in tally],
              "agreement": len(winners) / sum(len(v) for v in groups.values())}
-    return Synthesis(best.answer, cs, extra)
+    return Synthesis(best.answer, cs, extra, used=[c.expert for c in winners])
 
 
 def cascade(s: Session) -> Synthesis:

@@ -28,7 +28,7 @@ def test_ask_gives_each_expert_its_own_passages(kitchen):
     for c in a.contributions:
         assert c.ok and c.backend == "extractive"
         assert {x["expert"] for x in c.citations} == {c.expert} and 1 <= len(c.citations) <= 2
-    assert "kneaded for ten minutes" in a.text
+    assert '"Bread dough must be kneaded for ten minutes." [cooking: ' in a.text  # quoted and cited
     assert a.citations and a.citations[0].expert == "cooking"
     assert set(a.latency) == {"route_ms", "retrieval_ms", "generation_ms", "synthesis_ms", "total_ms"}
     assert a.latency["total_ms"] >= a.latency["route_ms"] > 0
@@ -74,10 +74,11 @@ def test_cli_ask_text_json_stream_and_errors(db_path, embedder):
     r = run_cli(["ask", "How long do I knead dough?", "--json", "--strategy", "best_only"], db_path)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["strategy"] == "best_only" and out["text"] == "Bread dough must be kneaded for ten minutes."
+    assert out["strategy"] == "best_only"
+    assert out["text"] == f'"Bread dough must be kneaded for ten minutes." [cooking: {out["citations"][0]["id"]}]'
     assert out["contributions"][0]["expert"] == "cooking" and "latency" in out and "usage" in out
     r = run_cli(["ask", "How long do I knead dough?", "--stream", "-s", "best_only"], db_path)
-    assert r.returncode == 0 and r.stdout.startswith("Bread dough must be kneaded for ten minutes.\n")
+    assert r.returncode == 0 and r.stdout.startswith(out["text"] + "\n")
     assert "best_only" in r.stdout
     r = run_cli(["ask", "dough?", "--strategy", "nope"], db_path)
     assert r.returncode == 1 and r.stderr.startswith("error: strategy: unknown strategy 'nope'")

@@ -1,8 +1,8 @@
 """The ``extractive`` backend: no model, answers with the best routed passages, quoted and cited.
 
-It is the default, so ``moedb ask`` works on any machine. The answer text is the quoted
-passages themselves (one per line, most similar first); citations ``(expert, source)`` are kept
-beside it. Asked to merge other answers (the ``llm_merge`` synthesizer role) it quotes the
+It is the default, so ``moedb ask`` works on any machine. The answer is the best passages,
+quoted, one per line (most similar first), each followed by its citation ``[expert: source]``
+(the document id when it has no source); the citations are also returned as data. Asked to merge other answers (the ``llm_merge`` synthesizer role) it quotes the
 answers it was given, in order.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ class ExtractiveGenerator(Generator):
             lines = []
             for h in hits:
                 t = " ".join(h.text.split())
-                lines.append(t if len(t) <= max_chars else t[:max_chars - 3].rstrip() + "...")
+                t = t if len(t) <= max_chars else t[:max_chars - 3].rstrip() + "..."
+                lines.append(f'"{t}" [{h.expert}: {h.source or h.id}]')
             text = "\n".join(lines)
             cites = hits
         if on_token is not None:
