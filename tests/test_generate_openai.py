@@ -132,3 +132,14 @@ def test_experts_on_a_server_through_ask(db, server, key):
     stored = json.dumps(db.expert("kids").generator)
     assert "s3cret" not in stored and KEY_ENV in stored  # only the variable's name is stored
     assert os.environ[KEY_ENV] == "s3cret"
+
+
+def test_llama_server_lora_field_is_sent_per_request(server, key):
+    """llama.cpp's llama-server selects an adapter per request with ``lora: [{id, scale}]``; the body carries
+    it (llama-cpp-python's server, used here, accepts and ignores the field: adapter selection itself is a
+    llama-server feature that cannot be exercised with this server)."""
+    g = _gen(server, lora=[{"id": 1, "scale": 0.5}], mode="completion")
+    path, body = g._body(REQ, stream=False)
+    assert path == "/completions" and body["lora"] == [{"id": 1, "scale": 0.5}] and body["temperature"] == 0.0
+    assert validate_config({"backend": "openai", "base_url": server, "lora": 2})["lora"] == [{"id": 2, "scale": 1.0}]
+    assert g.generate(REQ).text
