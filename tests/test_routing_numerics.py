@@ -271,3 +271,17 @@ def test_hybrid_gate_is_accurate_calibrated_and_round_trips():
     sub = g.raw(Q[:3], None, cols=cols)
     full = g.raw(Q[:3], None)
     assert np.allclose(sub["centroid"], full["centroid"][:, cols])
+
+
+def test_feedback_examples_move_the_gate_both_ways():
+    rng = np.random.default_rng(11)
+    centers, groups = clusters(rng, 3, 30)
+    mid = unit(rng, 1, 24)[0] * 0.2 + (centers[0] + centers[1]) / 2
+    mid = (mid / np.linalg.norm(mid)).astype(np.float32)
+    base = HybridGate(folds=0).fit(groups).confidence(mid[None])[0]
+    pos = (np.repeat(mid[None], 20, 0), np.full(20, 1), np.ones(20))
+    up = HybridGate(folds=0).fit(groups, feedback=pos).confidence(mid[None])[0]
+    assert up[1] > base[1] and up.argmax() == 1
+    neg = (np.repeat(mid[None], 20, 0), np.full(20, int(base.argmax())), -np.ones(20))
+    down = HybridGate(folds=0).fit(groups, feedback=neg).confidence(mid[None])[0]
+    assert down[base.argmax()] < base[base.argmax()]
