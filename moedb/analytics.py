@@ -15,7 +15,8 @@ import numpy as np
 from .errors import InvalidInput
 from .lifecycle_feedback import parse_time
 
-_NICE = (1, 5, 15, 60, 300, 900, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400, 30 * 86400, 365 * 86400)
+_NICE = (1, 5, 15, 60, 300, 900, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 2 * 86400, 7 * 86400, 30 * 86400,
+         365 * 86400)
 
 
 def imbalance(counts: Sequence[float]) -> dict[str, Optional[float]]:
@@ -121,7 +122,7 @@ class AnalyticsMixin:
         ``since``/``until``: epoch seconds, ``datetime`` or ISO-8601 strings. Returns
         ``{"since", "until", "queries", "routed", "abstained", "abstention_rate", "latency_ms":
         {"p50", "p95"}, "experts": [{"name", "queries" (routes where it ranked first), "share",
-        "selected" (routes that chose it at any rank), "mean_confidence", "feedback",
+        "selected" (times routes chose it at any rank), "mean_confidence", "feedback",
         "feedback_success_rate", "latency_p50_ms", "latency_p95_ms"}], "imbalance": {...},
         "load_over_time": {"bucket_seconds", "buckets": [{"start", "queries", "abstained",
         "by_expert"}]}}``. Every figure is counted from the file.
@@ -134,54 +135,59 @@ class AnalyticsMixin:
         self._refresh()
         st = self.store
         summary = st.log_summary(lo, hi)
-        load = st.load_by_expert(lo, hi)
-        overall_lat, lat = st.latency_percentiles(lo, hi)
-        fb = st.feedback_by_expert(lo, hi)
+        n = summary["queries"]
         names = {r["id"]: r["name"] for r in self._experts}
-        ids = [r["id"] for r in self._experts if r["size"] > 0 or r["id"] in load]
-        ids += [i for i in load if i not in names]        # experts removed since (log keeps their id)
-        ids = list(dict.fromkeys(ids))
-        routed = summary["queries"] - summary["abstained"]
+        width = start = None
+        top: dict[int, list[float]] = {}
+        slots: dict[int, dict[str, Any]] = {}
+        if n:
+            first = lo if lo is not None else summary["first"]
+            last = hi if hi is not None else summary["last"]
+            width = bucket_width(max(last - first, 1e-9), buckets)
+            start = math.floor(first / width) * width
+            for eid, b, cnt, conf in st.top_load(lo, hi, start, width):
+                t = top.setdefault(eid, [0, 0.0])
+                t[0] += cnt
+                t[1] += conf
+                slot = slots.setdefault(b, {"queries": 0, "abstained": 0, "by_expert": {}})
+                slot["queries"] += cnt
+                name = names.get(eid, f"#{eid} (removed)")
+                slot["by_expert"][name] = slot["by_expert"].get(name, 0) + cnt
+            for b, cnt in st.abstentions_over_time(lo, hi, start, width):
+                slot = slots.setdefault(b, {"queries": 0, "abstained": 0, "by_expert": {}})
+                slot["queries"] += cnt
+                slot["abstained"] += cnt
+        sel = st.selections_by_expert(lo, hi) if n else {}
+        overall_lat, lat = st.latency_percentiles(lo, hi, n)
+        fb = st.feedback_by_expert(lo, hi)
+        ids = [r["id"] for r in self._experts if r["size"] > 0 or r["id"] in top]
+        ids += [i for i in top if i not in names]        # experts removed since (the log keeps their id)
+        routed = n - summary["abstained"]
         rows = []
-        for i in ids:
-            ld = load.get(i, {"top": 0, "mean_confidence": None, "selected": 0})
+        for i in dict.fromkeys(ids):
+            cnt, conf = top.get(i, (0, 0.0))
             f = fb.get(i)
             judged = (f["good"] + f["bad"]) if f else 0
             rows.append({
-                "name": names.get(i, f"#{i} (removed)"), "queries": int(ld["top"]),
-                "share": ld["top"] / routed if routed else 0.0, "selected": int(ld["selected"]),
-                "mean_confidence": ld["mean_confidence"], "feedback": int(f["events"]) if f else 0,
+                "name": names.get(i, f"#{i} (removed)"), "queries": int(cnt),
+                "share": cnt / routed if routed else 0.0, "selected": int(sel.get(i, 0)),
+                "mean_confidence": conf / cnt if cnt else None, "feedback": int(f["events"]) if f else 0,
                 "feedback_success_rate": f["good"] / judged if judged else None,
                 "latency_p50_ms": lat.get(i, {}).get("p50"), "latency_p95_ms": lat.get(i, {}).get("p95"),
             })
         rows.sort(key=lambda e: (-e["queries"], e["name"]))
+        if n:
+            nb = int(((hi if hi is not None else summary["last"]) - start) // width) + 1
+            empty = {"queries": 0, "abstained": 0, "by_expert": {}}
+            lot = {"bucket_seconds": width, "start": start,
+                   "buckets": [{"start": start + b * width, **slots.get(b, empty)} for b in range(nb)]}
+        else:
+            lot = {"bucket_seconds": None, "start": None, "buckets": []}
         return {
             "since": lo, "until": hi, "first": summary["first"], "last": summary["last"],
-            "queries": summary["queries"], "routed": routed, "abstained": summary["abstained"],
-            "abstention_rate": summary["abstained"] / summary["queries"] if summary["queries"] else None,
+            "queries": n, "routed": routed, "abstained": summary["abstained"],
+            "abstention_rate": summary["abstained"] / n if n else None,
             "latency_ms": overall_lat, "experts": rows,
             "imbalance": imbalance([e["queries"] for e in rows]),
-            "load_over_time": self._load_over_time(summary, lo, hi, buckets, names),
+            "load_over_time": lot,
         }
-
-    def _load_over_time(self, summary: dict[str, Any], lo: Optional[float], hi: Optional[float], buckets: int,
-                        names: dict[int, str]) -> dict[str, Any]:
-        if not summary["queries"]:
-            return {"bucket_seconds": None, "start": None, "buckets": []}
-        first = lo if lo is not None else summary["first"]
-        last = hi if hi is not None else summary["last"]
-        width = bucket_width(max(last - first, 1e-9), buckets)
-        start = math.floor(first / width) * width
-        out: dict[int, dict[str, Any]] = {}
-        for b, eid, n in self.store.load_over_time(lo, hi, start, width):
-            slot = out.setdefault(b, {"start": start + b * width, "queries": 0, "abstained": 0, "by_expert": {}})
-            slot["queries"] += n
-            if eid is None:
-                slot["abstained"] += n
-            else:
-                name = names.get(eid, f"#{eid} (removed)")
-                slot["by_expert"][name] = slot["by_expert"].get(name, 0) + n
-        nb = int((last - start) // width) + 1
-        filled = [out.get(b, {"start": start + b * width, "queries": 0, "abstained": 0, "by_expert": {}})
-                  for b in range(nb)]
-        return {"bucket_seconds": width, "start": start, "buckets": filled}

@@ -6,6 +6,7 @@ behind load analytics (every aggregate runs in SQL on covering indexes, see 0003
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Optional, Sequence
 
@@ -149,59 +150,103 @@ class LifecycleSQL:
             f"SELECT count(*), coalesce(sum(abstained), 0), min(ts), max(ts) FROM query_log WHERE {w}", p)
         return {"queries": n, "abstained": abst, "first": t0, "last": t1}
 
-    def load_by_expert(self, since: Optional[float], until: Optional[float]) -> dict[int, dict[str, float]]:
-        """Per expert id: ``top`` (routes where it ranked first), ``mean_confidence`` there, ``selected``
-        (routes that chose it at any rank)."""
-        out: dict[int, dict[str, float]] = {}
+    def selections_by_expert(self, since: Optional[float], until: Optional[float]) -> dict[int, int]:
+        """Per expert id: how many times routes chose it at any rank."""
         if since is None and until is None:
-            top = self.q("SELECT expert_id, count(*), avg(confidence) FROM query_choices WHERE rank=0 "
-                         "GROUP BY expert_id")
-            sel = self.q("SELECT expert_id, count(DISTINCT query_id) FROM query_choices GROUP BY expert_id")
-        else:
-            w, p = _window("l.ts", since, until)
-            top = self.q("SELECT c.expert_id, count(*), avg(c.confidence) FROM query_log l "
-                         f"JOIN query_choices c ON c.query_id = l.id AND c.rank = 0 WHERE {w} GROUP BY c.expert_id", p)
-            sel = self.q("SELECT c.expert_id, count(DISTINCT c.query_id) FROM query_log l "
-                         f"JOIN query_choices c ON c.query_id = l.id WHERE {w} GROUP BY c.expert_id", p)
-        for eid, n, conf in top:
-            out[eid] = {"top": n, "mean_confidence": conf, "selected": 0}
-        for eid, n in sel:
-            out.setdefault(eid, {"top": 0, "mean_confidence": None, "selected": 0})["selected"] = n
-        return out
-
-    def latency_percentiles(self, since: Optional[float], until: Optional[float],
-                            ps: Sequence[float] = (0.5, 0.95)) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
-        """Nearest-rank latency percentiles: overall and per top-ranked expert id.
-
-        Returns ``({"p50": ms, ...}, {expert_id: {"p50": ms, ...}})``; computed with window
-        functions in SQL (one sort of the window's latencies).
-        """
+            return dict(self.q("SELECT expert_id, count(*) FROM query_choices GROUP BY expert_id"))
         w, p = _window("l.ts", since, until)
-        picks = ", ".join(
-            f"max(CASE WHEN rn = CAST({q!r} * (n - 1) AS INTEGER) + 1 THEN x END)" for q in ps)
-        names = [f"p{int(round(q * 100))}" for q in ps]
-        row = self.q1(
-            f"SELECT {picks} FROM (SELECT l.latency_ms x, row_number() OVER (ORDER BY l.latency_ms) rn, "
-            f"count(*) OVER () n FROM query_log l WHERE {w})", p)
-        overall = {k: v for k, v in zip(names, row or [None] * len(ps))}
-        per: dict[int, dict[str, float]] = {}
-        for r in self.q(
-                f"SELECT e, {picks} FROM (SELECT c.expert_id e, l.latency_ms x, "
-                "row_number() OVER (PARTITION BY c.expert_id ORDER BY l.latency_ms) rn, "
-                "count(*) OVER (PARTITION BY c.expert_id) n FROM query_log l "
-                f"JOIN query_choices c ON c.query_id = l.id AND c.rank = 0 WHERE {w}) GROUP BY e", p):
-            per[r[0]] = dict(zip(names, r[1:]))
-        return overall, per
+        return dict(self.q("SELECT c.expert_id, count(*) FROM query_log l CROSS JOIN query_choices c "
+                           f"ON c.query_id = l.id WHERE {w} GROUP BY c.expert_id", p))
 
-    def load_over_time(self, since: Optional[float], until: Optional[float], start: float,
-                       width: float) -> list[tuple[int, Optional[int], int]]:
-        """``(bucket index, top expert id or None for abstentions, routes)`` with bucket
-        ``floor((ts - start) / width)``."""
+    def top_load(self, since: Optional[float], until: Optional[float], start: float,
+                 width: float) -> list[tuple[int, int, int, float]]:
+        """``(expert id, bucket, routes where it ranked first, sum of its confidence there)`` with
+        bucket ``floor((ts - start) / width)``: one index-only pass over the window."""
         w, p = _window("l.ts", since, until)
         return self.q(
-            "SELECT CAST((l.ts - ?) / ? AS INTEGER) b, c.expert_id, count(*) FROM query_log l "
-            f"LEFT JOIN query_choices c ON c.query_id = l.id AND c.rank = 0 WHERE {w} GROUP BY b, c.expert_id "
-            "ORDER BY b", [float(start), float(width), *p])
+            "SELECT c.expert_id, CAST((l.ts - ?) / ? AS INTEGER) b, count(*), sum(c.confidence) FROM query_log l "
+            f"CROSS JOIN query_choices c ON c.query_id = l.id AND c.rank = 0 WHERE {w} GROUP BY c.expert_id, b",
+            [float(start), float(width), *p])
+
+    def abstentions_over_time(self, since: Optional[float], until: Optional[float], start: float,
+                              width: float) -> list[tuple[int, int]]:
+        """``(bucket, abstained routes)`` over the window."""
+        w, p = _window("ts", since, until)
+        return self.q(f"SELECT CAST((ts - ?) / ? AS INTEGER) b, count(*) FROM query_log WHERE abstained = 1 AND {w} "
+                      "GROUP BY b", [float(start), float(width), *p])
+
+    def load_by_expert(self, since: Optional[float], until: Optional[float]) -> dict[int, dict[str, float]]:
+        """Per expert id: ``top`` (routes where it ranked first), ``mean_confidence`` there."""
+        if since is None and until is None:
+            rows = self.q("SELECT expert_id, count(*), avg(confidence) FROM query_choices WHERE rank=0 "
+                          "GROUP BY expert_id")
+        else:
+            w, p = _window("l.ts", since, until)
+            rows = self.q("SELECT c.expert_id, count(*), avg(c.confidence) FROM query_log l CROSS JOIN query_choices c "
+                          f"ON c.query_id = l.id AND c.rank = 0 WHERE {w} GROUP BY c.expert_id", p)
+        return {eid: {"top": n, "mean_confidence": conf} for eid, n, conf in rows}
+
+    def latency_percentiles(self, since: Optional[float], until: Optional[float], n: int,
+                            ps: Sequence[float] = (0.5, 0.95),
+                            res: int = 64) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+        """Exact nearest-rank latency percentiles (the value at sorted position ``floor(p * (n - 1))``),
+        overall and per top-ranked expert id; ``n`` is the number of routes in the window.
+
+        Overall: an index walk to the rank. Per expert, two passes without sorting the window:
+        a histogram over log-latency brackets (``floor(ln(ms) * res)``, monotone in the latency)
+        locates the bracket holding each rank, then only the rows of those brackets are read to
+        pick the exact value. Returns ``({"p50": ms, ...}, {expert_id: {"p50": ms, ...}})``.
+        """
+        names = [f"p{int(round(q * 100))}" for q in ps]
+        w, p = _window("ts", since, until)
+        overall: dict[str, float] = {}
+        for name, q in zip(names, ps):
+            row = self.q1(f"SELECT latency_ms FROM query_log WHERE {w} ORDER BY latency_ms LIMIT 1 OFFSET ?",
+                          [*p, int(q * (n - 1))]) if n else None
+            overall[name] = row[0] if row else None
+        w, p = _window("l.ts", since, until)
+        bracket = f"CASE WHEN l.latency_ms > 0 THEN CAST(floor(ln(l.latency_ms) * {int(res)}) AS INTEGER) ELSE -1000000 END"
+        join = f"FROM query_log l CROSS JOIN query_choices c ON c.query_id = l.id AND c.rank = 0 WHERE {w}"
+        hist: dict[int, list[tuple[int, int]]] = {}
+        for eid, h, cnt in self.q(f"SELECT c.expert_id, {bracket} h, count(*) {join} GROUP BY c.expert_id, h", p):
+            hist.setdefault(eid, []).append((h, cnt))
+        want: dict[tuple[int, int], list[tuple[int, str, int]]] = {}     # (expert, bracket) -> [(rank in bracket, name)]
+        for eid, hs in hist.items():
+            hs.sort()
+            total = sum(c for _, c in hs)
+            for name, q in zip(names, ps):
+                k, seen = int(q * (total - 1)), 0
+                for h, c in hs:
+                    if k < seen + c:
+                        want.setdefault((eid, h), []).append((k - seen, name))
+                        break
+                    seen += c
+        per: dict[int, dict[str, float]] = {eid: {} for eid in hist}
+        if want:
+            vals: dict[tuple[int, int], list[float]] = {key: [] for key in want}
+            # read only the rows whose latency falls in a wanted bracket (widened a hair; the bracket
+            # expression itself decides membership), through the latency index
+            ranges = []
+            for h in sorted({h for _, h in want}):
+                lo_, hi_ = (-math.inf, 0.0) if h == -1000000 else (math.exp(h / res) * (1 - 1e-9),
+                                                                   math.exp((h + 1) / res) * (1 + 1e-9))
+                if ranges and lo_ <= ranges[-1][1]:
+                    ranges[-1][1] = max(ranges[-1][1], hi_)
+                else:
+                    ranges.append([lo_, hi_])
+            cond = " OR ".join("(l.latency_ms >= ? AND l.latency_ms <= ?)" for _ in ranges)
+            wl, pl = _window("l.ts", since, until)
+            for eid, h, x in self.q(
+                    f"SELECT c.expert_id, {bracket} h, l.latency_ms FROM query_log l CROSS JOIN query_choices c "
+                    f"ON c.query_id = l.id AND c.rank = 0 WHERE ({cond}) AND {wl}",
+                    [v for r in ranges for v in r] + pl):
+                if (eid, h) in vals:
+                    vals[(eid, h)].append(x)
+            for key, picks in want.items():
+                xs = sorted(vals[key])
+                for r, name in picks:
+                    per[key[0]][name] = xs[r]
+        return overall, per
 
     def feedback_by_expert(self, since: Optional[float], until: Optional[float]) -> dict[int, dict[str, float]]:
         """Per expert id: feedback events, good (reward > 0), bad (reward < 0), mean reward."""

@@ -27,6 +27,11 @@ CREATE TABLE retrain_runs (
     figures      TEXT NOT NULL
 );
 
--- Load analytics: covering indexes so per-expert aggregates never touch the table rows.
+-- Load analytics: covering indexes so aggregates never read the (large) log rows themselves.
+-- per-expert counts without a time window: index-only, grouped in index order
 CREATE INDEX query_choices_rank ON query_choices(rank, expert_id, query_id, confidence);
+-- joining a time window of the log to its choices: both sides index-only
+CREATE INDEX query_choices_cover ON query_choices(query_id, rank, expert_id, confidence);
 CREATE INDEX query_log_ts_cover ON query_log(ts, abstained, latency_ms);
+-- overall latency percentiles without a window: an index walk to the rank, no sort
+CREATE INDEX query_log_latency ON query_log(latency_ms);
