@@ -14,7 +14,7 @@ from .embed import CallableEmbedder, SentenceTransformerEmbedder, VectorsOnly, c
 from .errors import ConfigError, EmbedderMismatch, InvalidInput, MoedbError, UnknownExpert
 from .routing.ann import HnswIndex, exact_topk
 from .routing.balance import Balancer, load_figures
-from .routing.engine import Router, fingerprint
+from .routing.engine import Router, fingerprint, mix_context
 from .routing.gating import select
 from .routing.hybrid import HybridGate
 from .analytics import AnalyticsMixin
@@ -579,11 +579,7 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
 
         ``w = context_weight``; the lexical signal sees the query plus the latest turn.
         """
-        C = self._embed(list(context))                      # (t, d), oldest first
-        decay = 0.5 ** np.arange(len(C))[::-1]
-        c = (decay[:, None] * C).sum(axis=0) / decay.sum()
-        w = float(self._settings["context_weight"])
-        Q2 = normalize(Q + w * c[None, :].astype(np.float32))
+        Q2 = mix_context(Q, self._embed(list(context)), float(self._settings["context_weight"]))
         return Q2, [(t + " " + context[-1]) if t is not None else context[-1] for t in texts]
 
     def route(self, query: Union[str, np.ndarray], top_k: int = 2, k: int = 5,
@@ -635,7 +631,8 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
             if rows:
                 r.path = router.path(rows[0]["id"])
             if explain:
-                self._explain(r, router, comps, z, conf, i, sel, thr, bal, int(scored[i]), lex_texts[i], ctx)
+                router.explain(r, comps, z[i], conf[i], i, sel, thr, bal.bias if bal is not None else None,
+                               int(scored[i]), lex_texts[i], len(ctx))
             results.append(r)
         elapsed = (time.perf_counter() - t0) * 1000.0 / len(results)
         for r in results:
@@ -644,26 +641,6 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
             self._save_balance(router, bal)
         self._log(results, Q, log)
         return results
-
-    def _explain(self, r: RouteResult, router, comps, z, conf, i: int, sel, thr: float, bal, scored: int,
-                 text: Optional[str], ctx: list[str]) -> None:
-        bias = bal.bias if bal is not None else np.zeros(z.shape[1])
-        for e, j in zip(r.experts, sel):
-            e.components = {c: float(comps[c][i, j]) for c in comps}
-            e.components["bias"] = float(bias[j])
-        top = int(np.argmax(conf[i])) if conf.shape[1] else None
-        r.explanation = {
-            "method": "hybrid: softmax(mix . [centroid, gate, lexical]); bias only ranks the selection",
-            "mix": {c: float(a) for c, a in zip(("centroid", "gate", "lexical"), router.gate.mix_)} if router else {},
-            "threshold": thr, "top_confidence": float(conf[i, top]) if top is not None else None,
-            "abstained": r.abstained, "experts_total": len(router.rows) if router else 0, "experts_scored": scored,
-            "context_turns": len(ctx),
-            "lexical_terms": router.gate.lex_.top_terms(text or "", top) if (router and router.gate.lex_ is not None
-                                                                            and top is not None) else [],
-            "balanced": bal is not None,
-        }
-        if r.abstained and top is not None:
-            r.explanation["best_rejected"] = {"name": router.rows[top]["name"], "confidence": float(conf[i, top])}
 
     # ------------------------------------------------------------------ load balancing
     def _balancer(self, router) -> Balancer:

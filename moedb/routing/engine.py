@@ -134,10 +134,39 @@ class Router:
             mask[i, cols] = True
         return comps, z, softmax(z), mask
 
+    def explain(self, r, comps: dict[str, np.ndarray], z: np.ndarray, conf: np.ndarray, i: int, sel: np.ndarray,
+                threshold: float, bias: Optional[np.ndarray], scored: int, text: Optional[str], turns: int) -> None:
+        """Fill ``r.experts[*].components`` and ``r.explanation`` for query ``i`` (``z``, ``conf``: its row ``(E,)``)."""
+        for e, j in zip(r.experts, sel):
+            e.components = {c: float(comps[c][i, j]) for c in comps}
+            e.components["bias"] = float(bias[j]) if bias is not None else 0.0
+        top = int(np.argmax(conf)) if conf.size else None
+        g = self.gate
+        r.explanation = {
+            "method": "confidence = softmax(sum of weighted centroid, gate, lexical); the bias only ranks the selection",
+            "mix": {c: float(a) for c, a in zip(COMPONENTS, g.mix_)},
+            "threshold": threshold, "top_confidence": float(conf[top]) if top is not None else None,
+            "abstained": r.abstained, "experts_total": len(self.rows), "experts_scored": scored,
+            "context_turns": turns, "balanced": bias is not None,
+            "lexical_terms": g.lex_.top_terms(text or "", top) if (g.lex_ is not None and top is not None) else [],
+        }
+        if r.abstained and top is not None:
+            r.explanation["best_rejected"] = {"name": self.rows[top]["name"], "confidence": float(conf[top])}
+
     def figures(self) -> dict[str, Any]:
         f = {k: v for k, v in self.gate.figures_.items() if k != "expert_ids"}
         f["tree_depth"] = self.tree.depth()
         return f
 
 
-__all__ = ["Router", "fingerprint", "log_softmax"]
+
+
+def mix_context(Q: np.ndarray, C: np.ndarray, weight: float) -> np.ndarray:
+    """Queries ``(n, d)`` with earlier turns ``C`` ``(t, d)`` (oldest first) mixed in, unit rows ``(n, d)``.
+
+    ``q + weight * sum_i 0.5^(t-1-i) c_i / sum_i 0.5^(t-1-i)``: the latest turn counts most.
+    """
+    decay = 0.5 ** np.arange(len(C))[::-1]
+    c = (decay[:, None] * np.asarray(C, np.float64)).sum(axis=0) / decay.sum()
+    out = np.asarray(Q, np.float64) + weight * c[None, :]
+    return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
