@@ -5,6 +5,7 @@
 >>> db.add_expert("security", ["JWT tokens expire after ..."])       # doctest: +SKIP
 >>> db.route("How do I fix a JWT auth bug?").experts                 # doctest: +SKIP
 """
+from .ask import Answer
 from .database import Database, connect
 from .embed import CallableEmbedder, SentenceTransformerEmbedder, VectorsOnly
 from .errors import (ConfigError, DimensionMismatch, DuplicateDocument, DuplicateExpert, EmbedderMismatch,
@@ -14,7 +15,7 @@ from .types import Expert, ExpertScore, Hit, RouteResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "connect", "Database", "Expert", "ExpertScore", "Hit", "RouteResult",
+    "connect", "Database", "Answer", "Expert", "ExpertScore", "Hit", "RouteResult",
     "SentenceTransformerEmbedder", "CallableEmbedder", "VectorsOnly",
     "MoedbError", "SchemaError", "UnknownExpert", "DuplicateExpert", "DuplicateDocument", "InvalidInput",
     "DimensionMismatch", "InvalidVector", "EmbedderMismatch", "FileProblem", "ConfigError", "__version__",

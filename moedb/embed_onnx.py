@@ -469,6 +469,9 @@ class OnnxMiniLMEmbedder:
                 tok.no_padding()
                 so = ort.SessionOptions()
                 so.log_severity_level = 3
+                # no busy-waiting worker threads after a run: they steal the core from whatever
+                # runs next (a generator, the gate) on small machines
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 if self.threads:
                     so.intra_op_num_threads = int(self.threads)
                 self._session = ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
