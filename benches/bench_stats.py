@@ -10,7 +10,7 @@ Zipf-like load, 5% abstentions, gamma latencies, timestamps over 30 days. Then t
 
 checks that both give the same per-expert counts and percentiles, and prints the query plans.
 
-Usage: python benches/bench_stats.py [--rows 1000000] [--rebuild]
+Usage: python benches/bench_stats.py [--rows 1000000] [--vectors] [--rebuild]
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ DAYS = 30
 E = 150
 
 
-def build(path: str, rows: int, seed: int = 0) -> None:
+def build(path: str, rows: int, vectors: bool, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
@@ -54,7 +54,9 @@ def build(path: str, rows: int, seed: int = 0) -> None:
         a = rng.choice(E, n, p=p)
         b = (a + 1 + rng.integers(0, E - 1, n)) % E
         conf = rng.uniform(0.3, 1.0, n)
-        entries = [{"ts": float(ts[i]), "query": "q", "query_vec": None, "abstained": bool(abst[i]),
+        vec = rng.normal(size=(n, 384)).astype("<f4") if vectors else None
+        entries = [{"ts": float(ts[i]), "query": f"synthetic query {s + i}",
+                    "query_vec": vec[i].tobytes() if vectors else None, "abstained": bool(abst[i]),
                     "top_confidence": None if abst[i] else float(conf[i]), "latency_ms": float(lat[i]),
                     "choices": [] if abst[i] else [(int(ids[a[i]]), 0, 0.5, float(conf[i])),
                                                    (int(ids[b[i]]), 1, 0.2, float((1 - conf[i]) / 2))]}
@@ -103,9 +105,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--vectors", action="store_true",
+                    help="log a 384-d query vector per route, as moedb does by default (rows of ~1.6 KB)")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
-    path = os.path.join(OUT, f"bench_stats_{args.rows}.db")
+    path = os.path.join(OUT, f"bench_stats_{args.rows}{'_vec' if args.vectors else ''}.db")
     db = None
     if not args.rebuild and os.path.exists(path):
         try:
@@ -116,14 +120,15 @@ def main() -> None:
         except moedb.MoedbError:
             db = None
     if db is None:
-        build(path, args.rows)
+        build(path, args.rows, args.vectors)
         db = moedb.connect(path, embedder=moedb.VectorsOnly(8, name="synthetic"))
     names = {r["id"]: r["name"] for r in db.store.expert_rows()}
     end = T0 + DAYS * 86400
     windows = [("all 30 days", None, None), ("last 7 days", end - 7 * 86400, None),
                ("one day", end - 2 * 86400, end - 86400)]
     print(f"query log: {args.rows} routes, {db.store.q1('SELECT count(*) FROM query_choices')[0]} choice rows, "
-          f"{E} experts")
+          f"{E} experts, query vectors {'logged' if args.vectors else 'not logged'}, "
+          f"file {os.path.getsize(path) / 1e6:.0f} MB")
     print(f"{'window':<14}{'rows':>10}{'stats() s':>11}{'numpy pull s':>14}{'ratio':>8}  same figures")
     res = []
     for label, lo, hi in windows:
@@ -148,8 +153,8 @@ def main() -> None:
         plan = "; ".join(r[3] for r in db.store.q("EXPLAIN QUERY PLAN " + sql))
         print(f"  {sql[:70]}...\n    -> {plan}")
     db.close()
-    with open(os.path.join(OUT, "bench_stats.json"), "w") as fh:
-        json.dump({"rows": args.rows, "results": res}, fh, indent=2)
+    with open(os.path.join(OUT, f"bench_stats{'_vec' if args.vectors else ''}.json"), "w") as fh:
+        json.dump({"rows": args.rows, "vectors": args.vectors, "results": res}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def stats_plot(stats: dict[str, Any], path: str, top: int = 8) -> str:
     a1.set_xticklabels(names, rotation=60 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
                        fontsize=8)
     imb = stats["imbalance"]
-    sub = "" if imb["gini"] is None else f"  (Gini {imb['gini']:.2f}, CV {imb['cv']:.2f}, max/mean {imb['max_mean']:.2f})"
+    sub = "" if imb["gini"] is None else \
+        f"  (Gini {imb['gini']:.2f}, CV {imb['cv']:.2f}, max/mean {imb['max_mean']:.2f})"
     a1.set_title("queries per expert (top route)" + sub)
     a1.set_ylabel("queries")
     lot = stats["load_over_time"]

@@ -123,12 +123,6 @@ class LifecycleSQL:
             nc = self.conn.changes()
         return nf, nc
 
-    def references(self, expert_id: int) -> tuple[int, int]:
-        """How many feedback rows and logged choices name an expert."""
-        nf = self.q1("SELECT count(*) FROM feedback WHERE expert_id=?", (expert_id,))[0]
-        nc = self.q1("SELECT count(*) FROM query_choices WHERE expert_id=?", (expert_id,))[0]
-        return nf, nc
-
     # ------------------------------------------------------------------ retrain runs
     def record_retrain(self, feedback_max: int, figures: dict[str, Any]) -> int:
         with self.atomic():
@@ -164,8 +158,9 @@ class LifecycleSQL:
         bucket ``floor((ts - start) / width)``: one index-only pass over the window."""
         w, p = _window("l.ts", since, until)
         return self.q(
-            "SELECT c.expert_id, CAST((l.ts - ?) / ? AS INTEGER) b, count(*), sum(c.confidence) FROM query_log l "
-            f"CROSS JOIN query_choices c ON c.query_id = l.id AND c.rank = 0 WHERE {w} GROUP BY c.expert_id, b",
+            "SELECT c.expert_id, CAST((l.ts - ?) / ? AS INTEGER) b, count(*), sum(c.confidence) "
+            "FROM query_log l INDEXED BY query_log_ts_cover CROSS JOIN query_choices c "
+            f"ON c.query_id = l.id AND c.rank = 0 WHERE {w} GROUP BY c.expert_id, b",
             [float(start), float(width), *p])
 
     def abstentions_over_time(self, since: Optional[float], until: Optional[float], start: float,
@@ -205,14 +200,16 @@ class LifecycleSQL:
                           [*p, int(q * (n - 1))]) if n else None
             overall[name] = row[0] if row else None
         w, p = _window("l.ts", since, until)
-        bracket = f"CASE WHEN l.latency_ms > 0 THEN CAST(floor(ln(l.latency_ms) * {int(res)}) AS INTEGER) ELSE -1000000 END"
-        # without a window, walking the choices in expert order is cheaper; with one, the ts index leads
-        first = ("FROM query_choices c CROSS JOIN query_log l ON c.query_id = l.id WHERE c.rank = 0" if not p else
-                 f"FROM query_log l CROSS JOIN query_choices c ON c.query_id = l.id AND c.rank = 0 WHERE {w}")
+        bracket = (f"CASE WHEN l.latency_ms > 0 THEN CAST(floor(ln(l.latency_ms) * {int(res)}) AS INTEGER) "
+                   "ELSE -1000000 END")
+        # the log side in time order through its covering index: index-only (log rows carry query
+        # vectors and are large) and the choices lookups arrive in query-id order
+        first = ("FROM query_log l INDEXED BY query_log_ts_cover CROSS JOIN query_choices c "
+                 f"ON c.query_id = l.id AND c.rank = 0 WHERE {w}")
         hist: dict[int, list[tuple[int, int]]] = {}
         for eid, h, cnt in self.q(f"SELECT c.expert_id, {bracket} h, count(*) {first} GROUP BY c.expert_id, h", p):
             hist.setdefault(eid, []).append((h, cnt))
-        want: dict[tuple[int, int], list[tuple[int, str, int]]] = {}     # (expert, bracket) -> [(rank in bracket, name)]
+        want: dict[tuple[int, int], list[tuple[int, str]]] = {}     # (expert, bracket) -> [(rank inside, name)]
         for eid, hs in hist.items():
             hs.sort()
             total = sum(c for _, c in hs)

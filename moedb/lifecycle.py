@@ -147,8 +147,8 @@ class LifecycleMixin(FeedbackMixin):
         Every document moves to exactly one child; children are named ``NAME/1``, ``NAME/2``…
         (the first free numbers) unless ``names`` are given, and take the original as parent,
         which stays as a pure parent without documents. Feedback on the original follows the
-        child nearest to its query. The gate is refitted in the same transaction. Returns ``{"expert", "n", "chosen_by", "silhouette",
-        "children": [{"name", "size"}]}``.
+        child nearest to its query. The gate is refitted in the same transaction. Returns
+        ``{"expert", "n", "chosen_by", "silhouette", "children": [{"name", "size"}]}``.
         """
         with self.store.atomic():
             out = self._split(name, n, names, max_n, seed)
