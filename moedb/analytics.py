@@ -74,9 +74,13 @@ def stats_plot(stats: dict[str, Any], path: str, top: int = 8) -> str:
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 8), constrained_layout=True)
     names = [e["name"] for e in experts]
     a1.bar(range(len(experts)), [e["queries"] for e in experts], color="#4477aa")
-    a1.set_xticks(range(len(experts)))
-    a1.set_xticklabels(names, rotation=60 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
-                       fontsize=8)
+    if len(names) <= 40:
+        a1.set_xticks(range(len(experts)))
+        a1.set_xticklabels(names, rotation=60 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
+                           fontsize=8)
+    else:
+        a1.set_xticks([])
+        a1.set_xlabel(f"{len(names)} experts, busiest first")
     imb = stats["imbalance"]
     sub = "" if imb["gini"] is None else \
         f"  (Gini {imb['gini']:.2f}, CV {imb['cv']:.2f}, max/mean {imb['max_mean']:.2f})"
@@ -97,7 +101,9 @@ def stats_plot(stats: dict[str, Any], path: str, top: int = 8) -> str:
         if any(b["abstained"] for b in lot["buckets"]):
             a2.plot(when, [b["abstained"] for b in lot["buckets"]], label="abstained", color="black", linestyle=":")
         a2.legend(fontsize=8, ncol=2)
-        fig.autofmt_xdate()
+        for lbl in a2.get_xticklabels():
+            lbl.set_rotation(30)
+            lbl.set_horizontalalignment("right")
     a2.set_title(f"load over time ({_fmt_width(lot['bucket_seconds'])} buckets)")
     a2.set_ylabel("queries")
     fig.savefig(path, dpi=100)

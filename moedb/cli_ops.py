@@ -202,11 +202,12 @@ def _print_stats(s: dict) -> None:
     lat = s["latency_ms"]
     typer.echo(f"{s['queries']} queries, {s['routed']} routed, {s['abstained']} abstained "
                f"({s['abstention_rate']:.1%}); latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms")
-    t = Table("expert", "share", "", "queries", "conf", "feedback ok", "p50 ms", "p95 ms")
+    t = Table("expert", "share", "", "queries", "conf", "fb ok", "p50 ms", "p95 ms")
+    t.columns[0].no_wrap = True
     top = max((e["share"] for e in s["experts"]), default=0) or 1.0
     for e in s["experts"]:
         ok = "" if e["feedback_success_rate"] is None else f"{e['feedback_success_rate']:.0%} of {e['feedback']}"
-        t.add_row(e["name"], bar(e["share"] / top), f"{e['share']:.1%}", str(e["queries"]),
+        t.add_row(e["name"], bar(e["share"] / top, 10), f"{e['share']:.1%}", str(e["queries"]),
                   "" if e["mean_confidence"] is None else f"{e['mean_confidence']:.2f}", ok,
                   "" if e["latency_p50_ms"] is None else f"{e['latency_p50_ms']:.1f}",
                   "" if e["latency_p95_ms"] is None else f"{e['latency_p95_ms']:.1f}")
@@ -220,7 +221,9 @@ def _print_stats(s: dict) -> None:
     if lot["buckets"]:
         import datetime as dt
 
-        typer.echo(f"load over time ({lot['bucket_seconds']:g} s buckets):")
+        from .analytics import _fmt_width
+
+        typer.echo(f"load over time ({_fmt_width(lot['bucket_seconds'])} buckets):")
         peak = max(b["queries"] for b in lot["buckets"]) or 1
         for b in lot["buckets"]:
             when = dt.datetime.fromtimestamp(b["start"]).strftime("%Y-%m-%d %H:%M:%S")
