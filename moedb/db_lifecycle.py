@@ -187,46 +187,51 @@ class LifecycleSQL:
         """Exact nearest-rank latency percentiles (the value at sorted position ``floor(p * (n - 1))``),
         overall and per top-ranked expert id; ``n`` is the number of routes in the window.
 
-        Overall: an index walk to the rank. Per expert, two passes without sorting the window:
-        a histogram over log-latency brackets (``floor(ln(ms) * res)``, monotone in the latency)
-        locates the bracket holding each rank, then only the rows of those brackets are read to
-        pick the exact value. Returns ``({"p50": ms, ...}, {expert_id: {"p50": ms, ...}})``.
+        Without a window the overall figures are walks of the latency index. Otherwise, and per
+        expert, two passes that never sort the window: a histogram over log-latency brackets
+        (``floor(ln(ms) * res)``, monotone in the latency) locates the bracket holding each rank,
+        then only the rows of those brackets are read, through the latency index, to pick the
+        exact value. Returns ``({"p50": ms, ...}, {expert_id: {"p50": ms, ...}})``.
         """
         names = [f"p{int(round(q * 100))}" for q in ps]
-        w, p = _window("ts", since, until)
-        overall: dict[str, float] = {}
-        for name, q in zip(names, ps):
-            row = self.q1(f"SELECT latency_ms FROM query_log WHERE {w} ORDER BY latency_ms LIMIT 1 OFFSET ?",
-                          [*p, int(q * (n - 1))]) if n else None
-            overall[name] = row[0] if row else None
         w, p = _window("l.ts", since, until)
         bracket = (f"CASE WHEN l.latency_ms > 0 THEN CAST(floor(ln(l.latency_ms) * {int(res)}) AS INTEGER) "
                    "ELSE -1000000 END")
         # the log side in time order through its covering index: index-only (log rows carry query
         # vectors and are large) and the choices lookups arrive in query-id order
-        first = ("FROM query_log l INDEXED BY query_log_ts_cover CROSS JOIN query_choices c "
-                 f"ON c.query_id = l.id AND c.rank = 0 WHERE {w}")
-        hist: dict[int, list[tuple[int, int]]] = {}
-        for eid, h, cnt in self.q(f"SELECT c.expert_id, {bracket} h, count(*) {first} GROUP BY c.expert_id, h", p):
+        log = "FROM query_log l INDEXED BY query_log_ts_cover"
+        join = "CROSS JOIN query_choices c ON c.query_id = l.id AND c.rank = 0"
+        hist: dict[Optional[int], list[tuple[int, int]]] = {}
+        for eid, h, cnt in self.q(f"SELECT c.expert_id, {bracket} h, count(*) {log} {join} WHERE {w} "
+                                  "GROUP BY c.expert_id, h", p):
             hist.setdefault(eid, []).append((h, cnt))
-        want: dict[tuple[int, int], list[tuple[int, str]]] = {}     # (expert, bracket) -> [(rank inside, name)]
-        for eid, hs in hist.items():
+        overall: dict[str, Optional[float]] = {k: None for k in names}
+        if n and not p:
+            for name, q in zip(names, ps):
+                overall[name] = self.q1("SELECT latency_ms FROM query_log ORDER BY latency_ms LIMIT 1 OFFSET ?",
+                                        (int(q * (n - 1)),))[0]
+        elif n:
+            hist[None] = self.q(f"SELECT {bracket} h, count(*) {log} WHERE {w} GROUP BY h", p)
+        want: dict[tuple[Optional[int], int], list[tuple[int, str]]] = {}   # (expert, bracket) -> [(rank, name)]
+        for key, hs in hist.items():
             hs.sort()
             total = sum(c for _, c in hs)
             for name, q in zip(names, ps):
                 k, seen = int(q * (total - 1)), 0
                 for h, c in hs:
                     if k < seen + c:
-                        want.setdefault((eid, h), []).append((k - seen, name))
+                        want.setdefault((key, h), []).append((k - seen, name))
                         break
                     seen += c
-        per: dict[int, dict[str, float]] = {eid: {} for eid in hist}
-        if want:
-            vals: dict[tuple[int, int], list[float]] = {key: [] for key in want}
-            # read only the rows whose latency falls in a wanted bracket (widened a hair; the bracket
-            # expression itself decides membership), through the latency index
-            ranges = []
-            for h in sorted({h for _, h in want}):
+        vals: dict[tuple[Optional[int], int], list[float]] = {k: [] for k in want}
+        for part, keyed in ((f"{join}", True), ("", False)):
+            brackets = sorted({h for (key, h) in want if (key is not None) == keyed})
+            if not brackets:
+                continue
+            # the rows whose latency falls in a wanted bracket (ranges widened a hair; the bracket
+            # expression itself decides membership), read through the latency index
+            ranges: list[list[float]] = []
+            for h in brackets:
                 lo_, hi_ = (-math.inf, 0.0) if h == -1000000 else (math.exp(h / res) * (1 - 1e-9),
                                                                    math.exp((h + 1) / res) * (1 + 1e-9))
                 if ranges and lo_ <= ranges[-1][1]:
@@ -234,17 +239,16 @@ class LifecycleSQL:
                 else:
                     ranges.append([lo_, hi_])
             cond = " OR ".join("(l.latency_ms >= ? AND l.latency_ms <= ?)" for _ in ranges)
-            wl, pl = _window("l.ts", since, until)
-            for eid, h, x in self.q(
-                    f"SELECT c.expert_id, {bracket} h, l.latency_ms FROM query_log l CROSS JOIN query_choices c "
-                    f"ON c.query_id = l.id AND c.rank = 0 WHERE ({cond}) AND {wl}",
-                    [v for r in ranges for v in r] + pl):
+            who = "c.expert_id" if keyed else "NULL"
+            for eid, h, x in self.q(f"SELECT {who}, {bracket} h, l.latency_ms FROM query_log l {part} "
+                                    f"WHERE ({cond}) AND {w}", [v for r in ranges for v in r] + p):
                 if (eid, h) in vals:
                     vals[(eid, h)].append(x)
-            for key, picks in want.items():
-                xs = sorted(vals[key])
-                for r, name in picks:
-                    per[key[0]][name] = xs[r]
+        per: dict[int, dict[str, float]] = {eid: {} for eid in hist if eid is not None}
+        for (key, h), picks in want.items():
+            xs = sorted(vals[(key, h)])
+            for r, name in picks:
+                (overall if key is None else per[key])[name] = xs[r]
         return overall, per
 
     def feedback_by_expert(self, since: Optional[float], until: Optional[float]) -> dict[int, dict[str, float]]:
