@@ -56,7 +56,12 @@ def build_db(path: pathlib.Path, data, table, experts: dict[str, list[int]], par
     import moedb
 
     fresh = not path.exists()
-    db = moedb.connect(str(path), embedder=LookupEmbedder(table), log_queries=False)
+    try:
+        db = moedb.connect(str(path), embedder=LookupEmbedder(table), log_queries=False)
+    except moedb.SchemaError:  # a cached file from an older schema: rebuild it
+        for suffix in ("", "-wal", "-shm"):
+            pathlib.Path(str(path) + suffix).unlink(missing_ok=True)
+        return build_db(path, data, table, experts, parents, settings)
     if fresh:
         if settings:
             db.configure(**settings)
@@ -165,8 +170,9 @@ def semantic_router_peer(data, table, groups: dict[str, list[int]], fit=True, n_
     out["top2"] = float(np.mean([y_ in t for t, y_ in zip(top, lab)]))
     probs = [router._probs(s) for s in scores]
     out["ece"] = ece([p[t[0]] for p, t in zip(probs, top)], [t[0] == y_ for t, y_ in zip(top, lab)])
-    picks_in = [router(x) for x in te["texts"]]
-    picks_oos = [router(x) for x in data["oos_test"]["texts"]]
+    # its own decision rule (calibrated threshold) on the scores computed once, as its evaluate() does
+    picks_in = [router._choose(s, 1, None) for s in scores]
+    picks_oos = [router._choose(s, 1, None) for s in run(router._scores_many(data["oos_test"]["texts"]))]
 
     def name(p):
         p = p[0] if isinstance(p, list) and p else p

@@ -389,13 +389,16 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
         The gate persisted in the file is used when it was fitted on exactly the current experts
         (ids and versions) and settings; otherwise it is refitted and written back in one transaction.
         """
+        cur = self._router_cache
+        if cur is not None and cur.seen and cur.seen[0] is self._experts and cur.seen[1] is self._settings:
+            return cur  # nothing reloaded since the last call: same experts, same settings
         routable = [r for r in self._experts if r["size"] > 0]
         if not routable:
             return None
         key = fingerprint(routable, self._settings)
-        cur = self._router_cache
         if cur is not None and cur.key == key:
             self._attach_ann(cur)
+            cur.seen = (self._experts, self._settings)
             return cur
         stored = self.store.routing_get("gate")
         if stored is not None and stored[0] == key:
@@ -403,6 +406,7 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
         else:
             router = self._fit_router(routable, key, previous=cur)
         self._attach_ann(router)
+        router.seen = (self._experts, self._settings)
         self._router_cache = router
         return router
 
@@ -648,9 +652,13 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
         rows = self.store.balance_rows()
         now = time.time()
         ws = now - float(s["capacity_window"])
-        bias = np.array([rows.get(r["id"], (0.0,))[0] for r in router.rows], dtype=np.float64)
-        used = np.array([rows[r["id"]][4] if r["id"] in rows and rows[r["id"]][3] >= ws else 0
-                         for r in router.rows], dtype=np.int64)
+        bias = np.zeros(len(router.rows))
+        used = np.zeros(len(router.rows), dtype=np.int64)
+        for eid, (b, _, _, start, count) in rows.items():
+            j = router.col.get(eid)
+            if j is not None:
+                bias[j] = b
+                used[j] = count if start >= ws else 0
         return Balancer(bias, rate=float(s["balance_rate"]), max_bias=float(s["balance_max_bias"]),
                         margin=float(s["balance_margin"]), capacity=s["capacity"], window_used=used)
 

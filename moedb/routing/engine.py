@@ -40,6 +40,7 @@ class Router:
         self.names = {r["id"]: r["name"] for r in all_rows}
         self._nodes: Optional[dict[int, np.ndarray]] = None
         self._ann = None
+        self.seen: tuple = ()  # (expert list, settings dict) objects this router was last checked against
 
     @staticmethod
     def fit(rows: list[dict], all_rows: list[dict], docs: dict[int, tuple[np.ndarray, list[str]]],

@@ -51,7 +51,9 @@ class Tree:
         return max((len(self.path(i)) for i in self.ids), default=0)
 
     def has_structure(self) -> bool:
-        return any(p is not None for p in self.parent_.values())
+        if not hasattr(self, "_structured"):
+            self._structured = any(p is not None for p in self.parent_.values())
+        return self._structured
 
 
 def node_centroids(tree: Tree, leaf_centroids: dict[int, np.ndarray], k: int = 8, seed: int = 0

@@ -68,9 +68,17 @@ def max_per_owner(S: np.ndarray, owner: np.ndarray, n_owners: int) -> np.ndarray
     out = np.full((S.shape[0], n_owners), -1.0, dtype=np.float32)
     if S.shape[1] == 0:
         return out
-    order = np.argsort(owner, kind="stable")
-    o = owner[order]
-    starts = np.flatnonzero(np.r_[True, o[1:] != o[:-1]])
-    red = np.maximum.reduceat(S[:, order], starts, axis=1)
-    out[:, o[starts]] = red
+    order, starts, firsts, ordered = owner_groups(owner)
+    red = np.maximum.reduceat(S if ordered else S[:, order], starts, axis=1)
+    out[:, firsts] = red
     return out
+
+
+def owner_groups(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """``(order, starts, owner of each group, already sorted)`` for a reduceat over ``owner`` ``(M,)``."""
+    o = np.asarray(owner)
+    ordered = bool(np.all(o[1:] >= o[:-1])) if len(o) > 1 else True
+    order = np.arange(len(o)) if ordered else np.argsort(o, kind="stable")
+    so = o[order]
+    starts = np.flatnonzero(np.r_[True, so[1:] != so[:-1]])
+    return order, starts, so[starts], ordered
