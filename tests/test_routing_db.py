@@ -198,6 +198,10 @@ def test_bad_input_is_refused_and_changes_nothing(vdb):
         (lambda: vdb.route(v, top_k=-2), moedb.InvalidInput, "top_k"),
         (lambda: vdb.route(v, min_confidence=1.5), moedb.InvalidInput, "min_confidence"),
         (lambda: vdb.configure(no_such_setting=1), moedb.ConfigError, "no_such_setting"),
+        (lambda: vdb.configure(min_confidence=2), moedb.ConfigError, "min_confidence must be"),
+        (lambda: vdb.configure(balance_max_bias=-1), moedb.ConfigError, "balance_max_bias"),
+        (lambda: vdb.configure(capacity=0), moedb.ConfigError, "capacity"),
+        (lambda: vdb.configure(beam="wide"), moedb.ConfigError, "beam"),
     ]
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=msg):
