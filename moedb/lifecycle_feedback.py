@@ -172,7 +172,7 @@ class FeedbackMixin:
 
     # ------------------------------------------------------------------ ingestion job
     def ingest_feedback(self, path: Union[str, os.PathLike], *, progress: Progress = None,
-                        batch: int = 256, chunk: int = 50_000) -> dict[str, Any]:
+                        batch: int = 256, chunk: int = 20_000) -> dict[str, Any]:
         """Ingest a JSONL file of feedback events, streaming it line by line.
 
         One event per line: ``{"query": "...", "expert": "...", "reward": 1}`` or
