@@ -98,25 +98,43 @@ class HybridGate:
         # ---- cross-fitted held-out signals
         K = int(self.folds)
         fold = [rng.permutation(len(g)) % K if len(g) >= 2 and K >= 2 else np.full(len(g), -1) for g in groups]
+        # feedback is cross-fitted too: a held-out positive event is one more labelled example for the mix
+        # (it tells how much the feedback-trained gate should count), never for the refusal threshold
+        fb_fold = rng.permutation(len(fb[2])) % max(K, 1)
         held_F: list[list[np.ndarray]] = [[], [], []]
         held_y: list[np.ndarray] = []
+        fbh_F: list[list[np.ndarray]] = [[], [], []]
+        fbh_y: list[np.ndarray] = []
         for f in range(K if K >= 2 else 0):
             tr = [g[fo != f] for g, fo in zip(groups, fold)]
             te = [g[fo == f] for g, fo in zip(groups, fold)]
-            if not any(len(t) for t in te):
+            fb_in = fb_fold != f
+            fb_out = ~fb_in & (fb[2] > 0)
+            if not any(len(t) for t in te) and not fb_out.any():
                 continue
             tr_texts = [[t for t, fo_i in zip(tx, fo) if fo_i != f] for tx, fo in zip(texts, fold)] if lexical_on else None
             te_texts = [t for tx, fo in zip(texts, fold) for t, fo_i in zip(tx, fo) if fo_i == f] if lexical_on else None
-            C, owner, lr, lex = self._signals(tr, tr_texts, keywords, descriptions, fb, None)
-            Q = np.concatenate([t for t in te if len(t)])
-            held_y.append(np.concatenate([np.full(len(t), e) for e, t in enumerate(te) if len(t)]))
-            held_F[0].append(max_per_owner(Q @ C.T, owner, E))
-            held_F[1].append(lr.log_proba(Q))
-            held_F[2].append(lex.score(te_texts) if lex is not None else np.zeros((len(Q), E), np.float32))
+            C, owner, lr, lex = self._signals(tr, tr_texts, keywords, descriptions,
+                                              (fb[0][fb_in], fb[1][fb_in], fb[2][fb_in]), None)
+            if any(len(t) for t in te):
+                Q = np.concatenate([t for t in te if len(t)])
+                held_y.append(np.concatenate([np.full(len(t), e) for e, t in enumerate(te) if len(t)]))
+                held_F[0].append(max_per_owner(Q @ C.T, owner, E))
+                held_F[1].append(lr.log_proba(Q))
+                held_F[2].append(lex.score(te_texts) if lex is not None else np.zeros((len(Q), E), np.float32))
+            if fb_out.any():
+                Qf = fb[0][fb_out]
+                fbh_y.append(fb[1][fb_out])
+                fbh_F[0].append(max_per_owner(Qf @ C.T, owner, E))
+                fbh_F[1].append(lr.log_proba(Qf))
+                fbh_F[2].append(np.zeros((len(Qf), E), np.float32))  # feedback has no text: no lexical evidence
         if held_y and E >= 2:
             y = np.concatenate(held_y)
             F = [np.concatenate(f) for f in held_F]
-            mix = fit_mix(F if lexical_on else F[:2], y)
+            y_mix = np.concatenate([y] + fbh_y)
+            F_mix = [np.concatenate([a] + b) for a, b in zip(F, fbh_F)]
+            mix = fit_mix(F_mix if lexical_on else F_mix[:2], y_mix)
+            figures["heldout_feedback"] = int(len(y_mix) - len(y))
             if not lexical_on:
                 mix = np.r_[mix, 0.0]
             z = sum(a * f for a, f in zip(mix, F))
