@@ -18,7 +18,7 @@ import numpy as np
 
 from .calibration import abstain_threshold, ece, fit_mix
 from .gating import log_softmax, softmax
-from .kmeans import max_per_owner, multi_centroids
+from .kmeans import max_per_owner, multi_centroids, owner_groups
 from .lexical import LexicalIndex
 from .logreg import SoftmaxRegression
 
@@ -161,6 +161,7 @@ class HybridGate:
         figures.update(mix={c: float(a) for c, a in zip(COMPONENTS, self.mix_)}, threshold=float(self.threshold_),
                        centroids=int(len(self.centroids_)), gate_iterations=lr.n_iter_)
         self.figures_ = figures
+        self._fast_cache = None
         return self
 
     # ------------------------------------------------------------------ scoring
@@ -172,8 +173,17 @@ class HybridGate:
         """
         Q = np.asarray(Q, dtype=np.float32)
         if cols is None:
-            cen = max_per_owner(Q @ self.centroids_.T, self.owner_, self.n_experts_)
-            logits = Q @ self.coef_ + self.intercept_
+            fast = self._fast()
+            if len(Q) == 1:  # one query: matrix-vector products (no threaded GEMM for a single row)
+                S = (fast["centroids"] @ Q[0])[None, :]
+                logits = (fast["coefT"] @ Q[0] + self.intercept_)[None, :]
+            else:
+                S = Q @ self.centroids_.T
+                logits = Q @ self.coef_ + self.intercept_
+            cen = np.full((len(Q), self.n_experts_), -1.0, dtype=np.float32)
+            if S.shape[1]:
+                order, starts, firsts, ordered = fast["groups"]
+                cen[:, firsts] = np.maximum.reduceat(S if ordered else S[:, order], starts, axis=1)
             lex = self.lex_.score(texts) if (self.lex_ is not None and texts is not None) else \
                 np.zeros((len(Q), self.n_experts_), np.float32)
         else:
@@ -186,6 +196,16 @@ class HybridGate:
             lex = self.lex_.score(texts)[:, cols] if (self.lex_ is not None and texts is not None) else \
                 np.zeros((len(Q), len(cols)), np.float32)
         return {"centroid": cen, "gate": log_softmax(logits), "lexical": lex}
+
+    def _fast(self) -> dict:
+        """Contiguous copies and centroid groups for scoring, computed once per fitted/loaded gate."""
+        f = getattr(self, "_fast_cache", None)
+        if f is None:
+            f = {"centroids": np.ascontiguousarray(self.centroids_, dtype=np.float32),
+                 "coefT": np.ascontiguousarray(self.coef_.T, dtype=np.float32),
+                 "groups": owner_groups(self.owner_)}
+            self._fast_cache = f
+        return f
 
     def components(self, Q: np.ndarray, texts: Optional[Sequence[str]] = None, cols: Optional[np.ndarray] = None
                    ) -> dict[str, np.ndarray]:
