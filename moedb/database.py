@@ -16,6 +16,7 @@ from .routing.ann import HnswIndex, exact_topk
 from .routing.balance import Balancer, load_figures
 from .routing.engine import Router, fingerprint, mix_context
 from .routing.gating import select
+from .routing.hierarchy import parent_centroids
 from .routing.hybrid import HybridGate
 from .analytics import AnalyticsMixin
 from .ask import AskMixin
@@ -207,6 +208,7 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
         rows = self.store.expert_rows()
         for r in rows:
             r["centroid"] = (r["vec_sum"] / r["size"]).astype(np.float32) if r["size"] else None
+        parent_centroids(rows)
         self._experts = rows
         self._by_name = {r["name"]: r for r in rows}
         live = {r["id"]: r["version"] for r in rows}

@@ -170,6 +170,11 @@ def test_hierarchy_paths_beam_and_parent_without_documents(vdb):
     truth = [n for n in ["physics", "biology", "chemistry", "baking", "grilling", "soups"] for _ in range(5)]
     assert [r.experts[0].name for r in flat] == truth
     assert flat[0].path == ["science", "physics"] and flat[-1].path == ["food", "soups"]
+    # a pure parent's centroid derives from its children's documents
+    kids = [vdb.expert(n) for n in ("physics", "biology", "chemistry")]
+    want = sum(k.centroid * k.size for k in kids) / sum(k.size for k in kids)
+    assert np.allclose(vdb.expert("science").centroid, want, atol=1e-5)
+    assert vdb.expert("science").size == 0
     vdb.configure(beam=1)
     q = cluster(rng, fc[1], 1)[0]
     r = vdb.route(q, top_k=3, min_confidence=0.0, log=False, explain=True)

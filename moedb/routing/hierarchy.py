@@ -56,6 +56,26 @@ class Tree:
         return self._structured
 
 
+def parent_centroids(rows: list[dict]) -> None:
+    """Give every expert without documents but with documents below it the centroid of its subtree.
+
+    ``rows``: expert dicts with ``id``, ``parent_id``, ``size``, ``vec_sum`` (``(d,)`` or None) and
+    ``centroid``; a pure parent's ``centroid`` becomes ``sum of descendants' vec_sum / their size``
+    ``(d,)`` float32 (cycles are cut as in :class:`Tree`).
+    """
+    if not any(r.get("parent_id") is not None for r in rows):
+        return
+    tree = Tree([r["id"] for r in rows], [r.get("parent_id") for r in rows])
+    by_id = {r["id"]: r for r in rows}
+    for r in rows:
+        if r["size"] or not tree.children_.get(r["id"]):
+            continue
+        members = [by_id[i] for i in tree.subtree(r["id"]) if by_id[i]["size"]]
+        n = sum(m["size"] for m in members)
+        if n:
+            r["centroid"] = (sum(m["vec_sum"] for m in members) / n).astype(np.float32)
+
+
 def node_centroids(tree: Tree, leaf_centroids: dict[int, np.ndarray], k: int = 8, seed: int = 0
                    ) -> dict[int, np.ndarray]:
     """Centroids ``(k', d)`` of every node that has routable descendants, derived from its children:
