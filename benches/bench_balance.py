@@ -20,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_routing import LookupEmbedder  # noqa: E402
-from clinc import OUT, SPLITS, embed_cached, find_shared, load_clinc  # noqa: E402
+from clinc import OUT, embed_cached, find_shared, load_clinc  # noqa: E402
+from moedb.database import DEFAULTS  # noqa: E402
 
 
 def build(path, data, table, replicas, seed=0):
@@ -81,14 +82,18 @@ def main():
     ap.add_argument("--queries", type=int, default=6000)
     ap.add_argument("--zipf", type=float, default=1.1, help="skew exponent over test queries")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--split", default="test", choices=["val", "test"], help="where the traffic comes from "
+                    "(choose balancing settings on val, report on test)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a balancing setting for the run with balancing, e.g. balance_max_bias=1.0")
     args = ap.parse_args()
     if find_shared() is None:
         print("skip: CLINC150 not found under ../shared/data/clinc150")
         return
     data = load_clinc()
-    for s in ("train", "test"):
+    for s in ("train", args.split):
         data[s]["X"] = embed_cached(data[s]["texts"], f"clinc_{s}")
-    table = {t: v for s in ("train", "test") for t, v in zip(data[s]["texts"], data[s]["X"])}
+    table = {t: v for s in ("train", args.split) for t, v in zip(data[s]["texts"], data[s]["X"])}
     path = OUT / f"bench_balance_r{args.replicas}.db"
     if args.fresh and path.exists():
         path.unlink()
@@ -97,15 +102,19 @@ def main():
     db.route("warm up", log=False)
     fit_s = time.perf_counter() - t
     rng = np.random.default_rng(1)
-    te = data["test"]
+    te = data[args.split]
     p = 1.0 / np.arange(1, len(te["texts"]) + 1) ** args.zipf
     order = rng.permutation(len(te["texts"]))
     pick = order[rng.choice(len(p), size=args.queries, p=p / p.sum())]
     texts = [te["texts"][i] for i in pick]
     labels = [te["labels"][i] for i in pick]
-    res = {"replicas": args.replicas, "queries": args.queries, "distinct_queries": int(len(set(pick))),
+    extra = {k: json.loads(v) for k, v in (x.split("=", 1) for x in args.set)}
+    db.configure(**{k: v for k, v in DEFAULTS.items() if k.startswith("balance_")})
+    res = {"split": args.split, "settings": extra, "replicas": args.replicas, "queries": args.queries, "distinct_queries": int(len(set(pick))),
            "zipf": args.zipf, "fit_or_load_s": fit_s}
     for tag, on in (("without balancing", False), ("with balancing", True)):
+        if on and extra:
+            db.configure(**extra)
         _, acc, loads, secs = run(db, texts, labels, on)
         cv, mm, n = spread(loads, args.replicas)
         res[tag] = {"intent_acc": acc, "replica_cv": cv, "replica_max_over_mean": mm, "intents": n,
@@ -113,9 +122,9 @@ def main():
     st = db.balance_stats()
     res["bias_abs_max"] = max(abs(e["bias"]) for e in st["experts"].values())
     db.close()
-    (OUT / "bench_balance.json").write_text(json.dumps(res, indent=2))
+    (OUT / f"bench_balance_{args.split}.json").write_text(json.dumps(res, indent=2))
     print(f"\nCLINC150, {args.replicas} replicas per intent ({150 * args.replicas} experts), {args.queries} queries "
-          f"({res['distinct_queries']} distinct, Zipf {args.zipf}) from test, top_k=1")
+          f"({res['distinct_queries']} distinct, Zipf {args.zipf}) from {args.split}, top_k=1, settings {extra or 'default'}")
     print(f"{'':<20} {'intent acc':>10} {'replica CV':>11} {'max/mean':>9} {'ms/query':>9}")
     for tag in ("without balancing", "with balancing"):
         r = res[tag]

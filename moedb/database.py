@@ -38,8 +38,10 @@ DEFAULTS: dict[str, Any] = {
     "lexical": True,          # keyword/BM25 signal in the mix
     "balance": True,          # load balancing among near-equivalent experts
     "balance_rate": 0.01,     # bias step per routed query (logit units)
-    "balance_max_bias": 0.5,  # |bias| bound
-    "balance_margin": 1.0,    # experts within this logit margin of the best are near-equivalent
+    "balance_max_bias": 1.0,  # |bias| bound (logit units)
+    "balance_margin": 2.0,    # experts within this logit margin of the best are near-equivalent ...
+    "balance_similarity": 0.95,  # ... and within this cosine of the best one's mean direction (0 = any);
+                                 # these balancing defaults were chosen on CLINC val replicas (bench_balance)
     "capacity": None,         # max selections per expert per window (None = unlimited)
     "capacity_window": 3600.0,
     "beam": None,             # None = auto (width 3 on a tree with >= 1000 experts), 0 = flat, n = width
@@ -69,6 +71,7 @@ _ROUTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "balance_rate": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "balance_max_bias": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "balance_margin": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "balance_similarity": (lambda v: _is_num(v) and -1 <= v <= 1, "a cosine in [-1, 1]"),
     "capacity": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
                  "None or an integer >= 1"),
     "capacity_window": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
@@ -699,7 +702,8 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
                 bias[j] = b
                 used[j] = count if start >= ws else 0
         return Balancer(bias, rate=float(s["balance_rate"]), max_bias=float(s["balance_max_bias"]),
-                        margin=float(s["balance_margin"]), capacity=s["capacity"], window_used=used)
+                        margin=float(s["balance_margin"]), capacity=s["capacity"], window_used=used,
+                        means=router.means(), similarity=float(s["balance_similarity"]))
 
     def _save_balance(self, router, bal: Balancer) -> None:
         d = bal.delta_bias_

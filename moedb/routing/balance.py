@@ -6,7 +6,9 @@ expert's fair share: an expert is *eligible* for a query when its logit is withi
 best one (the near-equivalent candidates); its expected load is ``min(k, |eligible|) / |eligible|``
 per eligible query, and ``b_e += rate * (expected_e - load_e)``, bounded to ``[-max_bias, max_bias]``. Over
 the eligible set the steps sum to zero, so the biases stay centred instead of drifting to the bound.
-Distinct experts are rarely eligible together, so their decisions are left alone; replicas are evened out.
+With ``means``/``similarity``, eligible experts must also have a mean direction within that cosine of the
+best expert's. Distinct experts are rarely eligible together, so their decisions are left alone; replicas
+are evened out.
 """
 from __future__ import annotations
 
@@ -52,12 +54,15 @@ class Balancer:
     """
 
     def __init__(self, bias: np.ndarray, rate: float = 0.01, max_bias: float = 0.5, margin: float = 1.0,
-                 capacity: Optional[int] = None, window_used: Optional[np.ndarray] = None):
+                 capacity: Optional[int] = None, window_used: Optional[np.ndarray] = None,
+                 means: Optional[np.ndarray] = None, similarity: float = 0.0):
         self.bias = np.asarray(bias, dtype=np.float64).copy()
         self.rate = rate
         self.max_bias = max_bias
         self.margin = margin
         self.capacity = capacity
+        self.means = means          # (E, d) unit mean direction of each expert, or None
+        self.similarity = similarity
         E = len(self.bias)
         self.window_used = np.zeros(E, np.int64) if window_used is None else np.asarray(window_used, np.int64).copy()
         self._start = self.bias.copy()
@@ -85,6 +90,9 @@ class Balancer:
             return
         z_row = np.where(np.isfinite(z_row), z_row, -np.inf)
         el = eligible(z_row[None, :], self.margin)[0]
+        if self.means is not None and self.similarity > 0:
+            # near-equivalent = close in score *and* in content to the best expert (replicas, not rivals)
+            el &= (self.means @ self.means[int(np.argmax(z_row))]) >= self.similarity
         exp = expected_share(el, k)
         load = np.zeros_like(exp)
         load[chosen] = 1.0

@@ -77,6 +77,15 @@ class Router:
         gate.figures_["expert_ids"] = [r["id"] for r in rows]
         return Router(rows, all_rows, gate, key)
 
+    def means(self) -> np.ndarray:
+        """Unit mean direction of every routable expert ``(E, d)`` (from the stored centroids), cached."""
+        m = getattr(self, "_means", None)
+        if m is None:
+            m = np.stack([np.asarray(r["centroid"], np.float32) for r in self.rows])
+            m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+            self._means = m
+        return m
+
     def gate_bytes(self) -> bytes:
         return self.gate.to_bytes()
 
