@@ -17,6 +17,7 @@ from .routing.balance import Balancer, load_figures
 from .routing.engine import Router, fingerprint, mix_context
 from .routing.gating import select
 from .routing.hierarchy import parent_centroids
+from .routing.settings import check_routing_settings
 from .routing.hybrid import HybridGate
 from .analytics import AnalyticsMixin
 from .ask import AskMixin
@@ -53,43 +54,6 @@ DEFAULTS: dict[str, Any] = {
     "log_queries": True,
     "log_vectors": True,
 }
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
-
-
-_ROUTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "min_confidence": (lambda v: v is None or (_is_num(v) and 0 <= v <= 1), "None or a number in [0, 1]"),
-    "refuse_rate": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "min_heldout": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    "gate_C": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "gate_folds": (lambda v: isinstance(v, int) and 0 <= v <= 20, "an integer in [0, 20]"),
-    "gate_max_iter": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "lexical": (lambda v: isinstance(v, bool), "true or false"),
-    "balance": (lambda v: isinstance(v, bool), "true or false"),
-    "balance_rate": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "balance_max_bias": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "balance_margin": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "balance_similarity": (lambda v: _is_num(v) and -1 <= v <= 1, "a cosine in [-1, 1]"),
-    "capacity": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-                 "None or an integer >= 1"),
-    "capacity_window": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
-    "beam": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-             "None (auto), 0 (flat) or a beam width >= 1"),
-    "ann_min_centroids": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "ann_candidates": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "ann_min_docs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "ann_ef": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "context_weight": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-}
-
-
-def _check_routing_settings(settings: dict[str, Any]) -> None:
-    for key, value in settings.items():
-        check = _ROUTING_CHECKS.get(key)
-        if check is not None and not check[0](value):
-            raise ConfigError(f"setting {key} must be {check[1]}, got {value!r}")
 
 
 def _embedder_record(emb) -> dict[str, Any]:
@@ -186,7 +150,7 @@ class Database(LifecycleMixin, AnalyticsMixin, AskMixin):
         unknown = set(settings) - set(self._known_settings())
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        _check_routing_settings(settings)
+        check_routing_settings(settings)
         cur = self.store.get_meta("settings", {}) or {}
         cur.update(settings)
         self.store.set_meta("settings", cur)
