@@ -16,6 +16,8 @@ from typing import Any, Optional
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmark the working tree's moedb, not whatever copy is installed
+    sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benches" / "out"
 DEFAULT_SHARED = pathlib.Path(os.environ.get("MOEDB_SHARED", ROOT.parent / "shared"))
 SPLITS = ("train", "val", "test", "oos_train", "oos_val", "oos_test")

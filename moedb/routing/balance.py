@@ -92,7 +92,8 @@ class Balancer:
         el = eligible(z_row[None, :], self.margin)[0]
         if self.means is not None and self.similarity > 0:
             # near-equivalent = close in score *and* in content to the best expert (replicas, not rivals)
-            el &= (self.means @ self.means[int(np.argmax(z_row))]) >= self.similarity
+            idx = np.flatnonzero(el)
+            el[idx] = (self.means[idx] @ self.means[int(np.argmax(z_row))]) >= self.similarity
         exp = expected_share(el, k)
         load = np.zeros_like(exp)
         load[chosen] = 1.0
