@@ -281,7 +281,7 @@ def main() -> None:
 
 def report(res):
     pct = lambda x: f"{100 * x:5.1f}%" if isinstance(x, float) else "  -  "  # noqa: E731
-    print(f"\nCLINC150 test (4,500 in-scope, 1,000 out-of-scope), all-MiniLM-L6-v2 embeddings for everyone")
+    print("\nCLINC150 test (4,500 in-scope, 1,000 out-of-scope), all-MiniLM-L6-v2 embeddings for everyone")
     print(f"{'router':<46} {'acc':>7} {'top-2':>7} {'ECE':>7} {'domain':>7}")
     rows = [(k, v) for k, v in res.items() if k.startswith("moedb") and isinstance(v, dict)]
     rows += list(res["baselines"].items())
@@ -291,7 +291,7 @@ def report(res):
     for k, v in rows:
         print(f"{k:<46} {pct(v.get('acc'))} {pct(v.get('top2'))} {pct(v.get('ece'))} {pct(v.get('domain_acc'))}")
     c, vt = res["calibrated"], res["val_tuned_threshold"]
-    print(f"\nabstention                                      threshold   in-scope acc   refused in-scope   oos recall")
+    print("\nabstention                                      threshold   in-scope acc   refused in-scope   oos recall")
     print(f"moedb calibrated on its own documents (default) {c['threshold']:9.3f}   {pct(c['acc_at_threshold'])}"
           f"         {pct(c['refused_in_scope'])}           {pct(c['oos_recall'])}")
     print(f"moedb threshold tuned on val + oos_val          {vt['threshold']:9.3f}   {pct(vt['acc_at_threshold'])}"

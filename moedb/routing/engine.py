@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .gating import log_softmax, softmax
+from .gating import softmax
 from .hierarchy import Tree, beam_candidates, node_centroids
 from .hybrid import COMPONENTS, HybridGate
 

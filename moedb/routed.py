@@ -1,0 +1,383 @@
+"""Routing and retrieval methods of :class:`moedb.Database`: gate fitting and persistence, route,
+load balancing, the query log and the exhaustive search baseline."""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import InvalidInput
+from .routing.ann import HnswIndex, exact_topk
+from .routing.balance import Balancer, load_figures
+from .routing.engine import Router, fingerprint, mix_context
+from .routing.gating import select
+from .routing.hybrid import HybridGate
+from .types import ExpertScore, Hit, RouteResult
+from .vectors import as_matrix, normalize, to_blob
+
+
+class RoutingMixin:
+    """Routing, balancing, logging and search; mixed into :class:`moedb.Database`."""
+
+    # ------------------------------------------------------------------ routing
+    def _query_vectors(self, queries: Sequence[Any]) -> tuple[list[str], np.ndarray]:
+        texts: list[Optional[str]] = []
+        vecs: list[Optional[np.ndarray]] = []
+        for i, q in enumerate(queries):
+            if isinstance(q, str):
+                if not q.strip():
+                    raise InvalidInput("query is empty" if len(queries) == 1 else f"query #{i} is empty")
+                texts.append(q)
+                vecs.append(None)
+            elif isinstance(q, np.ndarray) or isinstance(q, (list, tuple)):
+                v = as_matrix(q, self.dim, what="query vector")
+                if v.shape[0] != 1:
+                    raise InvalidInput("a query vector must have shape (d,)")
+                texts.append(None)
+                vecs.append(normalize(v)[0])
+            else:
+                raise InvalidInput(f"query #{i}: expected str or vector, got {type(q).__name__}")
+        todo = [i for i, v in enumerate(vecs) if v is None]
+        if todo:
+            emb = self._embed([texts[i] for i in todo])
+            for j, i in enumerate(todo):
+                vecs[i] = emb[j]
+        Q = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, self.dim), np.float32)
+        return [t if t is not None else "<vector>" for t in texts], Q
+
+    def _router(self):
+        """The fitted router over the routable experts (documents > 0), loaded or refitted lazily.
+
+        The gate persisted in the file is used when it was fitted on exactly the current experts
+        (ids and versions) and settings; otherwise it is refitted and written back in one transaction.
+        """
+        cur = self._router_cache
+        if cur is not None and cur.seen and cur.seen[0] is self._experts and cur.seen[1] is self._settings:
+            return cur  # nothing reloaded since the last call: same experts, same settings
+        routable = [r for r in self._experts if r["size"] > 0]
+        if not routable:
+            return None
+        key = fingerprint(routable, self._settings)
+        if cur is not None and cur.key == key:
+            self._attach_ann(cur)
+            cur.seen = (self._experts, self._settings)
+            return cur
+        stored = self.store.routing_get("gate")
+        if stored is not None and stored[0] == key:
+            router = Router(routable, self._experts, HybridGate.from_bytes(stored[1]), key)
+        else:
+            router = self._fit_router(routable, key, previous=cur)
+        self._attach_ann(router)
+        router.seen = (self._experts, self._settings)
+        self._router_cache = router
+        return router
+
+    def _fit_router(self, routable: list[dict], key: str, previous=None):
+        docs = {}
+        for eid, (rowids, texts, blob) in self.store.routing_documents([r["id"] for r in routable]).items():
+            docs[eid] = (np.frombuffer(blob, dtype="<f4").reshape(len(rowids), self.dim).astype(np.float32), texts)
+        if previous is None:
+            stored = self.store.routing_get("gate")
+            if stored is not None:
+                try:
+                    g = HybridGate.from_bytes(stored[1])
+                    ids = g.figures_.get("expert_ids", [])
+                    if len(ids) == g.n_experts_ and g.coef_.shape[0] == self.dim:
+                        rows = [{"id": i, "version": -1} for i in ids]
+                        previous = Router(rows, rows, g, stored[0])
+                except (ValueError, KeyError, OSError):
+                    previous = None
+        router = Router.fit(routable, self._experts, docs, self._settings, feedback=self._feedback_examples(),
+                            previous=previous, key=key)
+        self.store.routing_put("gate", key, router.gate_bytes(), router.figures())
+        return router
+
+    def _attach_ann(self, router) -> None:
+        """Index the centroids with hnswlib once they are many (persisted, keyed by the gate)."""
+        C = router.gate.centroids_
+        ef = int(self._settings["ann_ef"])
+        if len(C) < int(self._settings["ann_min_centroids"]):
+            router.set_ann(None)
+            return
+        if router._ann is not None:
+            router._ann.set_ef(ef)
+            return
+        stored = self.store.routing_get("ann:centroids")
+        labels = np.arange(len(C), dtype=np.int64)
+        if stored is not None and stored[0] == router.key:
+            idx = HnswIndex.from_bytes(stored[1], self.dim, labels, ef=ef)
+        else:
+            idx = HnswIndex(self.dim, ef=ef).fit(labels, C)
+            self.store.routing_put("ann:centroids", router.key, idx.to_bytes(), {"items": len(C), "ef": ef})
+        router.set_ann(idx)
+
+    def refit_router(self) -> dict[str, Any]:
+        """Refit the gate from the experts' documents and the feedback, persist it; returns fit figures.
+
+        Figures: ``experts``, ``documents``, ``feedback``, held-out ``heldout_accuracy``, ``heldout_ece``,
+        ``heldout_refused``, the mix weights, the calibrated ``threshold``, ``centroids``.
+        """
+        self._refresh()
+        routable = [r for r in self._experts if r["size"] > 0]
+        if not routable:
+            self._router_cache = None
+            return {"experts": 0}
+        key = fingerprint(routable, self._settings)
+        router = self._fit_router(routable, key, previous=self._router_cache)
+        self._attach_ann(router)
+        self._router_cache = router
+        return router.figures()
+
+    def router_figures(self) -> dict[str, Any]:
+        """Figures of the current gate (fitting it first if the experts changed)."""
+        self._refresh()
+        r = self._router()
+        return r.figures() if r is not None else {"experts": 0}
+
+    def _beam_width(self, router) -> int:
+        b = self._settings["beam"]
+        if b is None:
+            return 3 if router.tree.has_structure() and len(router.rows) >= 1000 else 0
+        return int(b)
+
+    def _gate(self, Q: np.ndarray, texts: Optional[list[Optional[str]]]):
+        """Score queries ``(n, d)``: ``(router, components {name: (n, E)}, logits (n, E), conf (n, E), scored (n,))``.
+
+        Candidates come from a beam over the tree, or hnswlib over the centroids, or all experts.
+        """
+        router = self._router()
+        if router is None:
+            z = np.zeros((len(Q), 0))
+            return None, {}, z, z, np.zeros(len(Q), dtype=np.int64)
+        width = self._beam_width(router)
+        cands = None
+        if width > 0:
+            cands = [router.beam(q, width)[0] for q in Q]
+        elif router._ann is not None:
+            cands = router.ann_candidates(Q, int(self._settings["ann_candidates"]))
+        comps, z, conf, mask = router.score(Q, texts, cands)
+        return router, comps, z, conf, mask.sum(axis=1)
+
+    def _retrieve(self, q: np.ndarray, rows: list[dict], k: int, exact: bool = False) -> list[tuple[float, int, dict]]:
+        """Best ``k`` (score, rowid, expert row) inside the given experts; large experts use hnswlib unless ``exact``."""
+        cands: list[tuple[float, int, dict]] = []
+        big = np.inf if exact else int(self._settings["ann_min_docs"])
+        for row in rows:
+            if row["size"] >= big:
+                lab, sim = self._doc_index(row).query(q, k)
+                cands += [(float(s), int(i), row) for i, s in zip(lab[0], sim[0])]
+                continue
+            ids, m = self._expert_docs(row)
+            if not len(ids):
+                continue
+            lab, sim = exact_topk(q, m, ids, k)
+            cands += [(float(s), int(i), row) for i, s in zip(lab[0], sim[0])]
+        cands.sort(key=lambda c: (-c[0], c[1]))
+        return cands[:k]
+
+    def _doc_index(self, row: dict):
+        """The hnswlib index of a large expert's documents: cached, else loaded and synced, then persisted."""
+        cache = self._ann_docs.get(row["id"])
+        if cache is not None and cache[0] == row["version"]:
+            return cache[1]
+        name = f"ann:docs:{row['id']}"
+        ef = int(self._settings["ann_ef"])
+        ids, m = self._expert_docs(row)
+        idx = cache[1] if cache is not None else None
+        if idx is None:
+            stored = self.store.routing_get(name)
+            if stored is not None:
+                f = stored[2]
+                idx = HnswIndex.from_bytes(stored[1], self.dim, np.asarray(f["labels"], np.int64), ef=ef,
+                                           deleted=int(f.get("deleted", 0)))
+                if stored[0] == str(row["version"]):
+                    self._ann_docs[row["id"]] = (row["version"], idx)
+                    return idx
+        if idx is None:
+            idx = HnswIndex(self.dim, ef=ef).fit(ids, m)
+        else:
+            idx.sync(ids, m)
+        self.store.routing_put(name, str(row["version"]), idx.to_bytes(),
+                               {"labels": sorted(idx.labels_), "deleted": idx.deleted_, "ef": ef})
+        self._ann_docs[row["id"]] = (row["version"], idx)
+        return idx
+
+    def _hits(self, cands: list[tuple[float, int, dict]]) -> list[Hit]:
+        docs = self.store.documents_by_rowid([c[1] for c in cands])
+        return [Hit(expert=row["name"], id=docs[rid]["id"], text=docs[rid]["text"], score=score,
+                    metadata=docs[rid]["metadata"], source=docs[rid]["source"])
+                for score, rid, row in cands if rid in docs]
+
+    def _check_route_args(self, top_k: int, k: int, min_confidence: Optional[float]) -> Optional[float]:
+        """Validated arguments; the explicit threshold or ``None`` (database default / calibrated)."""
+        if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
+            raise InvalidInput(f"top_k must be an integer >= 1, got {top_k!r}")
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
+            raise InvalidInput(f"k must be an integer >= 0, got {k!r}")
+        if min_confidence is None:
+            return None
+        if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float, np.floating)) or \
+                not (0.0 <= float(min_confidence) <= 1.0):
+            raise InvalidInput(f"min_confidence must be a number in [0, 1], got {min_confidence!r}")
+        return float(min_confidence)
+
+    def _threshold(self, explicit: Optional[float], router) -> float:
+        if explicit is not None:
+            return explicit
+        s = self._settings["min_confidence"]
+        if s is not None:
+            return float(s)
+        return float(router.gate.threshold_) if router is not None else 0.0
+
+    def _check_context(self, context: Any) -> list[str]:
+        if context is None:
+            return []
+        if isinstance(context, str) or not isinstance(context, (list, tuple)):
+            raise InvalidInput(f"context must be a list of strings (earlier turns), got {type(context).__name__}")
+        for i, t in enumerate(context):
+            if not isinstance(t, str):
+                raise InvalidInput(f"context must be a list of strings: item #{i} is {type(t).__name__}")
+        return [t for t in context if t.strip()]
+
+    def _with_context(self, Q: np.ndarray, texts: list[Optional[str]], context: list[str]
+                      ) -> tuple[np.ndarray, list[Optional[str]]]:
+        """Mix the conversation into each query: ``q + w * sum_i 0.5^i c_i`` (latest turn first), renormalised.
+
+        ``w = context_weight``; the lexical signal sees the query plus the latest turn.
+        """
+        Q2 = mix_context(Q, self._embed(list(context)), float(self._settings["context_weight"]))
+        return Q2, [(t + " " + context[-1]) if t is not None else context[-1] for t in texts]
+
+    def route(self, query: Union[str, np.ndarray], top_k: int = 2, k: int = 5,
+              min_confidence: Optional[float] = None, *, log: Optional[bool] = None, explain: bool = False,
+              context: Optional[Sequence[str]] = None) -> RouteResult:
+        """Route one query (text or vector of shape ``(d,)``) to experts and retrieve passages.
+
+        ``min_confidence=None`` uses the database default (the threshold calibrated on held-out
+        documents unless ``configure(min_confidence=...)`` set one); ``0.0`` never abstains.
+        ``explain=True`` fills each expert's ``components`` and ``r.explanation``; ``context``: earlier
+        turns of a conversation (list of str) mixed into the query.
+        """
+        if isinstance(query, (list, tuple)) and query and isinstance(query[0], str):
+            raise InvalidInput("route() takes one query; use route_many() for a list")
+        return self.route_many([query], top_k=top_k, k=k, min_confidence=min_confidence, log=log,
+                               explain=explain, context=context)[0]
+
+    def route_many(self, queries: Sequence[Union[str, np.ndarray]], top_k: int = 2, k: int = 5,
+                   min_confidence: Optional[float] = None, *, log: Optional[bool] = None, explain: bool = False,
+                   context: Optional[Sequence[str]] = None) -> list[RouteResult]:
+        """Route a batch of queries: one embedding call, vectorised gating, one log transaction."""
+        t0 = time.perf_counter()
+        self._refresh()
+        explicit = self._check_route_args(top_k, k, min_confidence)
+        ctx = self._check_context(context)
+        if isinstance(queries, np.ndarray) and queries.ndim == 2:
+            queries = list(queries)
+        if not len(queries):
+            return []
+        texts, Q = self._query_vectors(list(queries))
+        lex_texts: list[Optional[str]] = [t if t != "<vector>" else None for t in texts]
+        if ctx:
+            Q, lex_texts = self._with_context(Q, lex_texts, ctx)
+        router, comps, z, conf, scored = self._gate(Q, [t or "" for t in lex_texts])
+        thr = self._threshold(explicit, router)
+        n, E = conf.shape
+        bal = self._balancer(router) if router is not None and self._settings["balance"] else None
+        results = []
+        for i in range(n):
+            if bal is not None:
+                sel = select(conf[i:i + 1], top_k, thr, bias=bal.bias, logits=z[i:i + 1], blocked=bal.blocked())[0]
+                bal.observe(z[i], sel, top_k)
+            else:
+                sel = select(conf[i:i + 1], top_k, thr)[0] if E else np.zeros(0, np.int64)
+            rows = [router.rows[j] for j in sel]
+            es = [ExpertScore(router.rows[j]["name"], float(z[i, j]), float(conf[i, j])) for j in sel]
+            hits = self._hits(self._retrieve(Q[i], rows, k)) if rows and k else []
+            r = RouteResult(query=texts[i], experts=es, hits=hits, abstained=not es)
+            if rows:
+                r.path = router.path(rows[0]["id"])
+            if explain:
+                router.explain(r, comps, z[i], conf[i], i, sel, thr, bal.bias if bal is not None else None,
+                               int(scored[i]), lex_texts[i], len(ctx))
+            results.append(r)
+        elapsed = (time.perf_counter() - t0) * 1000.0 / len(results)
+        for r in results:
+            r.latency_ms = elapsed
+        if bal is not None and log is not False:
+            self._save_balance(router, bal)
+        self._log(results, Q, log)
+        return results
+
+    # ------------------------------------------------------------------ load balancing
+    def _balancer(self, router) -> Balancer:
+        s = self._settings
+        rows = self.store.balance_rows()
+        now = time.time()
+        ws = now - float(s["capacity_window"])
+        bias = np.zeros(len(router.rows))
+        used = np.zeros(len(router.rows), dtype=np.int64)
+        for eid, (b, _, _, start, count) in rows.items():
+            j = router.col.get(eid)
+            if j is not None:
+                bias[j] = b
+                used[j] = count if start >= ws else 0
+        return Balancer(bias, rate=float(s["balance_rate"]), max_bias=float(s["balance_max_bias"]),
+                        margin=float(s["balance_margin"]), capacity=s["capacity"], window_used=used,
+                        means=router.means(), similarity=float(s["balance_similarity"]))
+
+    def _save_balance(self, router, bal: Balancer) -> None:
+        d = bal.delta_bias_
+        touched = np.flatnonzero((d != 0) | (bal.load_ > 0) | (bal.expected_ > 0) | (bal.window_delta_ > 0))
+        if not len(touched):
+            return
+        dw = bal.window_delta_  # every selection of this call counts against the capacity window
+        now = time.time()
+        self.store.balance_apply([(router.rows[j]["id"], d[j], bal.load_[j], bal.expected_[j], int(dw[j]))
+                                  for j in touched], float(self._settings["balance_max_bias"]),
+                                 now - float(self._settings["capacity_window"]), now)
+
+    def balance_stats(self) -> dict[str, Any]:
+        """Load figures since the last reset: per expert ``{load, share, expected, bias}``, and ``cv``,
+        ``max_over_mean`` of the load across routable experts."""
+        self._refresh()
+        rows = self.store.balance_rows()
+        routable = [r for r in self._experts if r["size"] > 0]
+        load = np.array([rows.get(r["id"], (0, 0))[1] for r in routable], dtype=np.float64)
+        fig = load_figures(load)
+        total = fig["total"] or 1.0
+        fig["experts"] = {r["name"]: {"load": float(load[j]), "share": float(load[j] / total),
+                                      "expected": float(rows.get(r["id"], (0, 0, 0))[2]),
+                                      "bias": float(rows.get(r["id"], (0.0,))[0])}
+                          for j, r in enumerate(routable)}
+        return fig
+
+    def reset_balance(self, biases: bool = True) -> None:
+        """Zero the load counters (and the selection biases unless ``biases=False``)."""
+        self.store.balance_reset(biases)
+
+    def _log(self, results: list[RouteResult], Q: np.ndarray, log: Optional[bool]) -> None:
+        enabled = log if log is not None else (
+            self._log_override if self._log_override is not None else self._settings["log_queries"])
+        if not enabled:
+            return
+        now = time.time()
+        keep_vec = self._settings["log_vectors"]
+        entries = [{
+            "ts": now, "query": r.query, "query_vec": to_blob(Q[i]) if keep_vec else None,
+            "abstained": r.abstained, "top_confidence": r.experts[0].confidence if r.experts else None,
+            "latency_ms": r.latency_ms,
+            "choices": [(self._by_name[e.name]["id"], rank, e.score, e.confidence) for rank, e in enumerate(r.experts)],
+        } for i, r in enumerate(results)]
+        for r, qid in zip(results, self.store.log_routes(entries)):
+            r.query_id = qid
+
+    def search(self, query: Union[str, np.ndarray], k: int = 10, experts: Optional[Sequence[str]] = None) -> list[Hit]:
+        """Exhaustive search over every document (or only the named experts): the baseline."""
+        self._refresh()
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidInput(f"k must be an integer >= 1, got {k!r}")
+        _, Q = self._query_vectors([query])
+        rows = [self._require(n) for n in experts] if experts is not None else \
+            [r for r in self._experts if r["size"] > 0]
+        return self._hits(self._retrieve(Q[0], rows, k, exact=True))
