@@ -40,7 +40,7 @@ def main() -> None:
             if name in {e.name for e in db.experts()}:
                 continue
             db.add_expert(name, description=description, keywords=keywords)
-            db.add_files(name, [os.path.join(HERE, "data", name)], chunk_size=400)
+            db.add_files(name, [os.path.join(HERE, "data", name)], chunk_size=200)
         print(f"database: {path}")
         for e in db.experts():
             print(f"  expert {e.name:<10} {e.size:>3} passages  ({e.description})")
