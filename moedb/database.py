@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "gate_C": 30.0,           # inverse ridge strength of the gate (as in scikit-learn); chosen on CLINC val
     "gate_folds": 3,          # cross-fitting folds for the mix weights and the threshold (< 2: no calibration)
     "gate_max_iter": 300,     # L-BFGS iterations of the gate fit
+    "gate_max_docs": 20000,   # documents the gate is fitted on at most (sampled evenly across experts)
     "lexical": True,          # keyword/BM25 signal in the mix
     "balance": True,          # load balancing among near-equivalent experts
     "balance_rate": 0.01,     # bias step per routed query (logit units)

@@ -71,7 +71,8 @@ class Router:
                           refuse_rate=float(settings.get("refuse_rate", 0.03)),
                           lexical=bool(settings.get("lexical", True)),
                           max_iter=int(settings.get("gate_max_iter", 300)),
-                          min_heldout=int(settings.get("min_heldout", 30)))
+                          min_heldout=int(settings.get("min_heldout", 30)),
+                          max_total_docs=int(settings.get("gate_max_docs", 20000)))
         gate.fit(groups, texts, keywords=[r.get("keywords") or [] for r in rows],
                  descriptions=[r.get("description") or "" for r in rows], feedback=fb, warm_start=warm)
         gate.figures_["expert_ids"] = [r["id"] for r in rows]

@@ -36,7 +36,7 @@ class HybridGate:
 
     def __init__(self, C: float = 30.0, folds: int = 3, refuse_rate: float = 0.03, docs_per_centroid: int = 25,
                  max_centroids: int = 8, max_fit_docs: int = 2000, lexical: bool = True, max_iter: int = 300,
-                 min_heldout: int = 30, seed: int = 0):
+                 min_heldout: int = 30, max_total_docs: int = 20000, seed: int = 0):
         self.C = C
         self.folds = folds
         self.refuse_rate = refuse_rate
@@ -46,6 +46,7 @@ class HybridGate:
         self.lexical = lexical
         self.max_iter = max_iter
         self.min_heldout = min_heldout
+        self.max_total_docs = max_total_docs
         self.seed = seed
 
     # ------------------------------------------------------------------ fitting
@@ -86,8 +87,10 @@ class HybridGate:
         E = len(groups)
         d = groups[0].shape[1]
         groups = [np.asarray(g, dtype=np.float32) for g in groups]
-        # cap the documents used per expert (a broad expert does not need all of them to be learned)
-        keep = [np.sort(rng.permutation(len(g))[:self.max_fit_docs]) for g in groups]
+        # cap the documents used per expert (a broad expert does not need all of them to be learned), and
+        # the total, so that a refit of thousands of experts stays a matter of seconds to minutes
+        per_expert = min(self.max_fit_docs, max(8, int(self.max_total_docs) // max(E, 1)))
+        keep = [np.sort(rng.permutation(len(g))[:per_expert]) for g in groups]
         groups = [g[k] for g, k in zip(groups, keep)]
         if texts is not None:
             texts = [[t[i] for i in k] for t, k in zip(texts, keep)]

@@ -19,6 +19,7 @@ _ROUTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gate_C": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "gate_folds": (lambda v: isinstance(v, int) and 0 <= v <= 20, "an integer in [0, 20]"),
     "gate_max_iter": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "gate_max_docs": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 100, "an integer >= 100"),
     "lexical": (lambda v: isinstance(v, bool), "true or false"),
     "balance": (lambda v: isinstance(v, bool), "true or false"),
     "balance_rate": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
