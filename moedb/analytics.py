@@ -37,7 +37,7 @@ def imbalance(counts: Sequence[float]) -> dict[str, Optional[float]]:
     gini = float(np.sum((2 * np.arange(1, n + 1) - n - 1) * xs) / (n * xs.sum()))
     p = x / x.sum()
     nz = p[p > 0]
-    h = max(float(-(nz * np.log2(nz)).sum()), 0.0)  # one expert with all the load: 0, not -0.0
+    h = float(-(nz * np.log2(nz)).sum()) + 0.0  # + 0.0 turns -0.0 (all load on one expert) into 0.0
     return {"experts": int(n), "cv": float(x.std() / mean), "gini": gini, "max_mean": float(x.max() / mean),
             "entropy_bits": h, "entropy_norm": h / math.log2(n) if n > 1 else 1.0}
 
