@@ -128,24 +128,19 @@ def _check_value(field: str, kind: str, value: Any, base_dir: Optional[str]) -> 
         if isinstance(value, list) and all(isinstance(x, dict) and isinstance(x.get("id"), int) for x in value):
             return [{"id": int(x["id"]), "scale": float(x.get("scale", 1.0))} for x in value]
         raise _err(field, "must be an adapter id (int) or a list of {id, scale} for llama-server")
-    if kind == "gguf_model":
+    if kind in ("gguf_model", "gguf_lora"):
         p = _path(field, value, base_dir)
         _readable_file(field, p)
+        what = "adapter " if kind == "gguf_lora" else ""
         try:
             kv = _gguf_kv(p)
         except ValueError as e:
-            raise _err(field, f"cannot parse {p} ({e})") from None
-        if kv is not None and kv.get("general.type") == "adapter":
+            raise _err(field, f"cannot parse {what}{p} ({e})") from None
+        if kv is None:
+            return p
+        if kind == "gguf_model" and kv.get("general.type") == "adapter":
             raise _err(field, f"{p} is a LoRA adapter, not a model (put it in generator.lora)")
-        return p
-    if kind == "gguf_lora":
-        p = _path(field, value, base_dir)
-        _readable_file(field, p)
-        try:
-            kv = _gguf_kv(p)
-        except ValueError as e:
-            raise _err(field, f"cannot parse adapter {p} ({e})") from None
-        if kv is not None and (kv.get("general.type") != "adapter" or kv.get("adapter.type") != "lora"):
+        if kind == "gguf_lora" and (kv.get("general.type") != "adapter" or kv.get("adapter.type") != "lora"):
             raise _err(field, f"{p} is not a LoRA adapter (general.type={kv.get('general.type')!r}, "
                               f"adapter.type={kv.get('adapter.type')!r})")
         return p
