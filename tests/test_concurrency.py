@@ -84,3 +84,64 @@ def test_a_reader_sees_new_experts_without_reopening(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+REFITTER = textwrap.dedent("""
+    import sys, numpy as np, moedb
+    path, n = sys.argv[1], int(sys.argv[2])
+    rng = np.random.default_rng(11)
+    with moedb.connect(path, embedder=moedb.VectorsOnly({dim})) as d:
+        for i in range(n):
+            v = rng.normal(size=(12, {dim}))
+            v[:, (i + 3) % {dim}] += 6.0
+            d.add_expert(f"r{{i}}", [f"r{{i}} doc {{j}}" for j in range(12)], vectors=v)
+            figures = d.refit_router()                   # fit + persist a new gate while the other routes
+            assert figures["experts"] == 3 + i + 1, figures
+    open(path + ".done", "w").close()
+    print("refits done")
+""").format(dim=DIM)
+
+GATE_READER = textwrap.dedent("""
+    import sys, numpy as np, moedb
+    import os, time
+    path, limit = sys.argv[1], float(sys.argv[2])
+    sizes, i, t0 = [], 0, time.time()
+    with moedb.connect(path, embedder=moedb.VectorsOnly({dim})) as d:
+        while time.time() - t0 < limit:
+            done = os.path.exists(path + ".done")          # one more route after the writer finished
+            i += 1
+            q = np.zeros({dim}); q[i % {dim}] = 1.0
+            r = d.route(q, top_k=3, k=3, min_confidence=0.0, log=False)
+            conf = [e.confidence for e in r.experts]
+            assert r.experts and all(0.0 <= c <= 1.0 for c in conf) and conf == sorted(conf, reverse=True), conf
+            assert {{h.expert for h in r.hits}} <= {{e.name for e in r.experts}}
+            sizes.append(d.router_figures()["experts"])
+            if done:
+                break
+    assert sizes == sorted(sizes), "the gate a reader sees never goes back to an older one"
+    print(min(sizes), max(sizes))
+""").format(dim=DIM)
+
+
+def test_routing_during_refits_in_another_process_sees_whole_gates(tmp_path):
+    """One process adds experts and refits the gate repeatedly; another routes meanwhile."""
+    path = str(tmp_path / "gate.db")
+    rng = np.random.default_rng(1)
+    with moedb.connect(path, embedder=moedb.VectorsOnly(DIM)) as d:
+        for i in range(3):
+            v = rng.normal(size=(12, DIM))
+            v[:, i] += 6.0
+            d.add_expert(f"base{i}", [f"b{i} {j}" for j in range(12)], vectors=v)
+        d.refit_router()
+    (tmp_path / "w.py").write_text(REFITTER)
+    (tmp_path / "r.py").write_text(GATE_READER)
+    w = subprocess.Popen([sys.executable, str(tmp_path / "w.py"), path, "8"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    r = subprocess.Popen([sys.executable, str(tmp_path / "r.py"), path, "240"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    wout, werr = w.communicate(timeout=300)
+    rout, rerr = r.communicate(timeout=300)
+    assert w.returncode == 0, werr
+    assert r.returncode == 0, rerr
+    lo, hi = map(int, rout.split())
+    assert lo < hi == 11  # it routed through several gate generations and ended on the newest
