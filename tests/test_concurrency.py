@@ -41,21 +41,27 @@ READER = textwrap.dedent("""
 """).format(dim=DIM)
 
 
+def run_pair(tmp_path, path: str, writer: str, writer_arg: str, reader: str, reader_arg: str) -> tuple[str, str]:
+    """Start a writer and a reader script on the same file at once; both must succeed. Returns their stdout."""
+    procs = []
+    for name, script, arg in (("w.py", writer, writer_arg), ("r.py", reader, reader_arg)):
+        (tmp_path / name).write_text(script)
+        procs.append(subprocess.Popen([sys.executable, str(tmp_path / name), path, arg], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        outs.append(out)
+    return outs[0], outs[1]
+
+
 def test_one_process_writes_while_another_routes(tmp_path):
     path = str(tmp_path / "shared.db")
     rng = np.random.default_rng(0)
     with moedb.connect(path, embedder=moedb.VectorsOnly(DIM)) as d:
         d.add_expert("seed", ["s"], vectors=rng.normal(size=(1, DIM)))
-    (tmp_path / "w.py").write_text(WRITER)
-    (tmp_path / "r.py").write_text(READER)
-    writer = subprocess.Popen([sys.executable, str(tmp_path / "w.py"), path, "40"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    reader = subprocess.Popen([sys.executable, str(tmp_path / "r.py"), path, "400"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    wout, werr = writer.communicate(timeout=300)
-    rout, rerr = reader.communicate(timeout=300)
-    assert writer.returncode == 0, werr
-    assert reader.returncode == 0, rerr
+    wout, rout = run_pair(tmp_path, path, WRITER, "40", READER, "400")
     assert "writer done" in wout
     routes, seen, bad = map(int, rout.split())
     assert routes == 400 and bad == 0
@@ -133,15 +139,7 @@ def test_routing_during_refits_in_another_process_sees_whole_gates(tmp_path):
             v[:, i] += 6.0
             d.add_expert(f"base{i}", [f"b{i} {j}" for j in range(12)], vectors=v)
         d.refit_router()
-    (tmp_path / "w.py").write_text(REFITTER)
-    (tmp_path / "r.py").write_text(GATE_READER)
-    w = subprocess.Popen([sys.executable, str(tmp_path / "w.py"), path, "8"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    r = subprocess.Popen([sys.executable, str(tmp_path / "r.py"), path, "240"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    wout, werr = w.communicate(timeout=300)
-    rout, rerr = r.communicate(timeout=300)
-    assert w.returncode == 0, werr
-    assert r.returncode == 0, rerr
+    wout, rout = run_pair(tmp_path, path, REFITTER, "8", GATE_READER, "240")
+    assert "refits done" in wout
     lo, hi = map(int, rout.split())
     assert lo < hi == 11  # it routed through several gate generations and ended on the newest
