@@ -17,6 +17,17 @@ app = typer.Typer(help="moedb: an embedded mixture-of-experts retrieval engine i
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 JSON_OPT = typer.Option(False, "--json", help="Machine-readable JSON output.")
+REFIT_OPT = typer.Option(True, "--refit/--no-refit",
+                         help="Fit the router now, so the next `moedb route` does not pay for it.")
+
+
+def refit_now(db, refit: bool) -> None:
+    """After a change of experts, fit the gate while the user is already waiting on a write."""
+    if refit:
+        from rich.console import Console
+
+        with Console(stderr=True).status("fitting the router"):
+            db.refit_router()
 
 
 @app.callback()
@@ -108,15 +119,18 @@ def add_expert(ctx: typer.Context, name: str,
                keyword: List[str] = typer.Option(None, "--keyword", help="Keyword (repeatable)."),
                parent: Optional[str] = typer.Option(None, "--parent"),
                chunk_size: int = typer.Option(1000, "--chunk-size", help="Max characters per passage."),
-               json_out: bool = JSON_OPT) -> None:
+               refit: bool = REFIT_OPT, json_out: bool = JSON_OPT) -> None:
     """Create an expert from files and/or inline texts."""
     from .chunk import iter_files, read_passages
 
     docs: list = list(text or [])
     for f in iter_files(list(paths or [])):
         docs += list(read_passages(f, chunk_size))
-    with open_db(ctx, must_exist=False) as db, progress_bar(f"embedding {name}") as pb:
-        e = db.add_expert(name, docs, description=description, keywords=keyword or [], parent=parent, progress=pb)
+    with open_db(ctx, must_exist=False) as db:
+        with progress_bar(f"embedding {name}") as pb:
+            e = db.add_expert(name, docs, description=description, keywords=keyword or [], parent=parent,
+                              progress=pb)
+        refit_now(db, refit)
     if json_out:
         emit_json(e.to_dict())
     else:
@@ -127,11 +141,13 @@ def add_expert(ctx: typer.Context, name: str,
 def add_docs(ctx: typer.Context, name: str, paths: List[str] = typer.Argument(..., help="Files or directories."),
              chunk_size: int = typer.Option(1000, "--chunk-size"),
              on_conflict: str = typer.Option("error", "--on-conflict", help="error | skip | replace"),
-             json_out: bool = JSON_OPT) -> None:
+             refit: bool = REFIT_OPT, json_out: bool = JSON_OPT) -> None:
     """Add files' passages to an existing expert."""
-    with open_db(ctx) as db, progress_bar(f"embedding {name}") as pb:
-        n = db.add_files(name, paths, chunk_size=chunk_size, on_conflict=on_conflict, progress=pb)
+    with open_db(ctx) as db:
+        with progress_bar(f"embedding {name}") as pb:
+            n = db.add_files(name, paths, chunk_size=chunk_size, on_conflict=on_conflict, progress=pb)
         size = db.expert(name).size
+        refit_now(db, refit)
     if json_out:
         emit_json({"expert": name, "added": n, "size": size})
     else:
