@@ -304,9 +304,14 @@ class RoutingMixin:
         elapsed = (time.perf_counter() - t0) * 1000.0 / len(results)
         for r in results:
             r.latency_ms = elapsed
-        if bal is not None and log is not False:
-            self._save_balance(router, bal)
-        self._log(results, Q, log)
+        save_balance = bal is not None and log is not False
+        logging = self._log_enabled(log)
+        if save_balance or logging:
+            with self.store.atomic():  # one commit per call for the balance state and the log together
+                if save_balance:
+                    self._save_balance(router, bal)
+                if logging:
+                    self._log(results, Q)
         return results
 
     # ------------------------------------------------------------------ load balancing
@@ -356,11 +361,14 @@ class RoutingMixin:
         """Zero the load counters (and the selection biases unless ``biases=False``)."""
         self.store.balance_reset(biases)
 
-    def _log(self, results: list[RouteResult], Q: np.ndarray, log: Optional[bool]) -> None:
-        enabled = log if log is not None else (
-            self._log_override if self._log_override is not None else self._settings["log_queries"])
-        if not enabled:
-            return
+    def _log_enabled(self, log: Optional[bool]) -> bool:
+        """The call's ``log=``, else ``connect(log_queries=...)``, else the database setting."""
+        if log is not None:
+            return bool(log)
+        return bool(self._log_override if self._log_override is not None else self._settings["log_queries"])
+
+    def _log(self, results: list[RouteResult], Q: np.ndarray) -> None:
+        """Append the routes to the query log and set their ``query_id``."""
         now = time.time()
         keep_vec = self._settings["log_vectors"]
         entries = [{
