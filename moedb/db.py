@@ -158,16 +158,6 @@ class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
                 (key, _dumps(value)),
             )
 
-    def all_meta(self) -> dict[str, Any]:
-        return {k: json.loads(v) for k, v in self.q("SELECT key, value FROM meta")}
-
-    # ------------------------------------------------------------------ experts
-    _EXPERT_COLS = (
-        "e.id, e.name, e.description, e.keywords, p.name, e.metadata, e.generator, e.n_docs, "
-        "e.vec_sum, e.version, e.created_at, e.updated_at, e.parent_id"
-    )
-
-    @staticmethod
     def _expert_dict(row: tuple) -> dict[str, Any]:
         (id_, name, desc, kw, parent, md, gen, n, vec_sum, version, created, updated, parent_id) = row
         return {
@@ -198,9 +188,6 @@ class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
         if row is None:
             raise UnknownExpert(name)
         return row[0]
-
-    def expert_versions(self) -> dict[int, int]:
-        return dict(self.q("SELECT id, version FROM experts"))
 
     def insert_expert(self, name: str, description: str, keywords: list[str], parent_id: Optional[int],
                       metadata: dict, generator: Optional[dict]) -> int:
