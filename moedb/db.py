@@ -158,6 +158,13 @@ class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
                 (key, _dumps(value)),
             )
 
+    # ------------------------------------------------------------------ experts
+    _EXPERT_COLS = (
+        "e.id, e.name, e.description, e.keywords, p.name, e.metadata, e.generator, e.n_docs, "
+        "e.vec_sum, e.version, e.created_at, e.updated_at, e.parent_id"
+    )
+
+    @staticmethod
     def _expert_dict(row: tuple) -> dict[str, Any]:
         (id_, name, desc, kw, parent, md, gen, n, vec_sum, version, created, updated, parent_id) = row
         return {
