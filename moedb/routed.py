@@ -142,22 +142,23 @@ class RoutingMixin:
         return int(b)
 
     def _gate(self, Q: np.ndarray, texts: Optional[list[Optional[str]]]):
-        """Score queries ``(n, d)``: ``(router, components {name: (n, E)}, logits (n, E), conf (n, E), scored (n,))``.
+        """Score queries ``(n, d)``: ``(router, components {name: (n, E)}, logits (n, E), conf (n, E), scored (n,),
+        scope (n,))``.
 
         Candidates come from a beam over the tree, or hnswlib over the centroids, or all experts.
         """
         router = self._router()
         if router is None:
             z = np.zeros((len(Q), 0))
-            return None, {}, z, z, np.zeros(len(Q), dtype=np.int64)
+            return None, {}, z, z, np.zeros(len(Q), dtype=np.int64), np.full(len(Q), -np.inf)
         width = self._beam_width(router)
         cands = None
         if width > 0:
             cands = [router.beam(q, width)[0] for q in Q]
         elif router._ann is not None:
             cands = router.ann_candidates(Q, int(self._settings["ann_candidates"]))
-        comps, z, conf, mask = router.score(Q, texts, cands)
-        return router, comps, z, conf, mask.sum(axis=1)
+        comps, z, conf, mask, scope = router.score(Q, texts, cands)
+        return router, comps, z, conf, mask.sum(axis=1), scope
 
     def _retrieve(self, q: np.ndarray, rows: list[dict], k: int, exact: bool = False) -> list[tuple[float, int, dict]]:
         """Best ``k`` (score, rowid, expert row) inside the given experts; large experts use hnswlib unless ``exact``."""
@@ -222,13 +223,21 @@ class RoutingMixin:
             raise InvalidInput(f"min_confidence must be a number in [0, 1], got {min_confidence!r}")
         return float(min_confidence)
 
-    def _threshold(self, explicit: Optional[float], router) -> float:
+    def _threshold(self, explicit: Optional[float], router) -> tuple[float, Optional[float]]:
+        """``(confidence threshold, scope threshold or None)``.
+
+        A ``min_confidence`` (the call's, else the database's) is a plain confidence rule. Without one,
+        the calibrated default applies: abstain when the query's scope is below the gate's calibrated
+        scope threshold; later experts must still reach the calibrated confidence threshold.
+        """
+        if explicit is None:
+            explicit = self._settings["min_confidence"]
         if explicit is not None:
-            return explicit
-        s = self._settings["min_confidence"]
-        if s is not None:
-            return float(s)
-        return float(router.gate.threshold_) if router is not None else 0.0
+            return float(explicit), None
+        if router is None:
+            return 0.0, None
+        ms = self._settings["min_scope"]
+        return float(router.gate.threshold_), float(router.gate.scope_threshold_ if ms is None else ms)
 
     def _check_context(self, context: Any) -> list[str]:
         if context is None:
@@ -254,8 +263,10 @@ class RoutingMixin:
               context: Optional[Sequence[str]] = None) -> RouteResult:
         """Route one query (text or vector of shape ``(d,)``) to experts and retrieve passages.
 
-        ``min_confidence=None`` uses the database default (the threshold calibrated on held-out
-        documents unless ``configure(min_confidence=...)`` set one); ``0.0`` never abstains.
+        ``min_confidence=None`` uses the database default: unless ``configure(min_confidence=...)`` set
+        one, the router abstains when the query's scope score (how much it looks like the experts'
+        documents) is below the threshold calibrated on held-out documents (``refuse_rate``). A number
+        is a plain rule on the top confidence; ``0.0`` never abstains.
         ``explain=True`` fills each expert's ``components`` and ``r.explanation``; ``context``: earlier
         turns of a conversation (list of str) mixed into the query.
         """
@@ -280,26 +291,30 @@ class RoutingMixin:
         lex_texts: list[Optional[str]] = [t if t != "<vector>" else None for t in texts]
         if ctx:
             Q, lex_texts = self._with_context(Q, lex_texts, ctx)
-        router, comps, z, conf, scored = self._gate(Q, [t or "" for t in lex_texts])
-        thr = self._threshold(explicit, router)
+        router, comps, z, conf, scored, scope = self._gate(Q, [t or "" for t in lex_texts])
+        thr, scope_thr = self._threshold(explicit, router)
+        admit = scope >= scope_thr if scope_thr is not None else None
         n, E = conf.shape
         bal = self._balancer(router) if router is not None and self._settings["balance"] else None
         results = []
         for i in range(n):
             if bal is not None:
-                sel = select(conf[i:i + 1], top_k, thr, bias=bal.bias, logits=z[i:i + 1], blocked=bal.blocked())[0]
+                sel = select(conf[i:i + 1], top_k, thr, bias=bal.bias, logits=z[i:i + 1], blocked=bal.blocked(),
+                             admit=admit[i:i + 1] if admit is not None else None)[0]
                 bal.observe(z[i], sel, top_k)
             else:
-                sel = select(conf[i:i + 1], top_k, thr)[0] if E else np.zeros(0, np.int64)
+                sel = select(conf[i:i + 1], top_k, thr, admit=admit[i:i + 1] if admit is not None else None)[0] \
+                    if E else np.zeros(0, np.int64)
             rows = [router.rows[j] for j in sel]
             es = [ExpertScore(router.rows[j]["name"], float(z[i, j]), float(conf[i, j])) for j in sel]
             hits = self._hits(self._retrieve(Q[i], rows, k)) if rows and k else []
-            r = RouteResult(query=texts[i], experts=es, hits=hits, abstained=not es)
+            r = RouteResult(query=texts[i], experts=es, hits=hits, abstained=not es,
+                            scope=float(scope[i]) if np.isfinite(scope[i]) else None)
             if rows:
                 r.path = router.path(rows[0]["id"])
             if explain:
                 router.explain(r, comps, z[i], conf[i], i, sel, thr, bal.bias if bal is not None else None,
-                               int(scored[i]), lex_texts[i], len(ctx))
+                               int(scored[i]), lex_texts[i], len(ctx), float(scope[i]), scope_thr)
             results.append(r)
         elapsed = (time.perf_counter() - t0) * 1000.0 / len(results)
         for r in results:

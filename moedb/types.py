@@ -75,6 +75,7 @@ class RouteResult:
     abstained: bool = False
     path: list[str] = field(default_factory=list)
     explanation: Optional[dict[str, Any]] = None
+    scope: Optional[float] = None  # how much the query looks like the experts' documents (standardised)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -85,6 +86,7 @@ class RouteResult:
             "hits": [h.to_dict() for h in self.hits],
             "latency_ms": self.latency_ms,
             "path": list(self.path),
+            "scope": self.scope,
         }
         if self.explanation is not None:
             d["explanation"] = self.explanation

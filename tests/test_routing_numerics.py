@@ -214,13 +214,40 @@ def test_lexical_index_prefers_the_expert_with_the_words():
     idx = LexicalIndex().fit([["how to reset my password", "password reset link expired"],
                               ["bake bread with sourdough", "bread crust too hard"]],
                              keywords=[["login"], []], descriptions=["account help", "baking"])
-    s = idx.score(["I forgot my password", "crusty bread", "login problem", "nothing relevant here"])
-    assert s[0, 0] > s[0, 1] and s[1, 1] > s[1, 0] and s[2, 0] > 0 == s[2, 1]
-    assert np.all(s[3] == 0)
+    s = idx.score(["I forgot my password", "crusty bread", "login problem", "zzz qqq", "<vector>"])
+    assert s[0, 0] > s[0, 1] and s[1, 1] > s[1, 0] and s[2, 0] > s[2, 1]
+    assert np.all(s[3:] == 0)  # no known n-gram: no evidence either way
     back = LexicalIndex.from_arrays(idx.to_arrays())
     assert np.array_equal(back.score(["password bread"]), idx.score(["password bread"]))
-    assert tokenize("The passwords' resets!") == ["password", "reset"]
-    assert idx.top_terms("password reset", 0)[0][0] in ("password", "reset")
+    assert tokenize("The passwords' resets!") == ["the", "passwords", "resets"]
+    assert idx.top_terms("password reset", 0)[0][0] in ("password", "reset", "password reset")
+    assert idx.top_terms("the password", 0)[0][0] == "password"  # function words never explain a decision
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.text(alphabet="abcde ", min_size=1, max_size=30), min_size=1, max_size=5),
+                min_size=2, max_size=4),
+       st.text(alphabet="abcde ", max_size=30))
+def test_lexical_index_is_naive_bayes(experts, query):
+    """The sparse scores equal the dense multinomial NB log-likelihood ratio against a uniform model."""
+    from moedb.routing.lexical import grams
+
+    idx = LexicalIndex(alpha=0.1).fit(experts)
+    V, E = len(idx.vocab_), len(experts)
+    got = idx.score([query])[0]
+    pos = {k: i for i, k in enumerate(idx.vocab_.tolist())}
+    # dense reference: summed unit tf-idf vectors per expert, smoothed, log(V * theta)
+    def vec(text):
+        x = np.zeros(V)
+        for k, c in grams(text).items():
+            if k in pos:
+                x[pos[k]] = (1 + np.log(c)) * idx.idf_[pos[k]]
+        n = np.linalg.norm(x)
+        return x / n if n else x
+    C = np.stack([sum((vec(t) for t in docs), np.zeros(V)) for docs in experts], axis=1)
+    theta = (C + 0.1) / (C.sum(axis=0) + 0.1 * V)
+    want = vec(query) @ np.log(V * theta) if V else np.zeros(E)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_calibration_figures():

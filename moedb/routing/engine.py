@@ -11,12 +11,12 @@ import numpy as np
 
 from .gating import softmax
 from .hierarchy import Tree, beam_candidates, node_centroids
-from .hybrid import COMPONENTS, HybridGate
+from .hybrid import COMPONENTS, FORMAT, HybridGate
 
 
 def fingerprint(rows: Sequence[dict], settings: dict[str, Any]) -> str:
     """What a fitted gate depends on: routable experts (id, version) and the fit settings."""
-    h = hashlib.sha1()
+    h = hashlib.sha1(f"gate-format={FORMAT};".encode())
     for r in rows:
         h.update(f"{r['id']}:{r['version']};".encode())
     for k in ("gate_C", "gate_folds", "gate_max_iter", "refuse_rate", "lexical", "min_heldout"):
@@ -124,29 +124,33 @@ class Router:
 
     # ------------------------------------------------------------------ scoring
     def score(self, Q: np.ndarray, texts: Optional[Sequence[str]], cands: Optional[list[np.ndarray]] = None
-              ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
-        """Components ``{centroid, gate, lexical}``, logits ``z``, confidences and the scored mask, each ``(n, E)``.
+              ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Components ``{centroid, gate, lexical}``, logits ``z``, confidences, the scored mask (each
+        ``(n, E)``) and the scope score ``(n,)``.
 
         ``cands``: per query the columns to score (others get ``z = -inf``, confidence 0), else all.
         """
         n, E = len(Q), len(self.rows)
         if cands is None:
-            comps = self.gate.components(Q, texts)
+            comps, scope = self.gate.score(Q, texts)
             z = sum(comps.values())
-            return comps, z, softmax(z), np.ones((n, E), dtype=bool)
+            return comps, z, softmax(z), np.ones((n, E), dtype=bool), scope
         comps = {c: np.full((n, E), np.nan) for c in COMPONENTS}
         z = np.full((n, E), -np.inf)
         mask = np.zeros((n, E), dtype=bool)
+        scope = np.full(n, -np.inf)
         for i, cols in enumerate(cands):
-            part = self.gate.components(Q[i:i + 1], [texts[i]] if texts is not None else None, cols=cols)
+            part, sc = self.gate.score(Q[i:i + 1], [texts[i]] if texts is not None else None, cols=cols)
             for c in COMPONENTS:
                 comps[c][i, cols] = part[c][0]
             z[i, cols] = sum(part[c][0] for c in COMPONENTS)
             mask[i, cols] = True
-        return comps, z, softmax(z), mask
+            scope[i] = sc[0]
+        return comps, z, softmax(z), mask, scope
 
     def explain(self, r, comps: dict[str, np.ndarray], z: np.ndarray, conf: np.ndarray, i: int, sel: np.ndarray,
-                threshold: float, bias: Optional[np.ndarray], scored: int, text: Optional[str], turns: int) -> None:
+                threshold: float, bias: Optional[np.ndarray], scored: int, text: Optional[str], turns: int,
+                scope: Optional[float] = None, scope_threshold: Optional[float] = None) -> None:
         """Fill ``r.experts[*].components`` and ``r.explanation`` for query ``i`` (``z``, ``conf``: its row ``(E,)``)."""
         for e, j in zip(r.experts, sel):
             e.components = {c: float(comps[c][i, j]) for c in comps}
@@ -156,6 +160,8 @@ class Router:
         r.explanation = {
             "method": "confidence = softmax(sum of weighted centroid, gate, lexical); the bias only ranks the selection",
             "mix": {c: float(a) for c, a in zip(COMPONENTS, g.mix_)},
+            "rule": "scope" if scope_threshold is not None else "confidence",
+            "scope": scope, "scope_threshold": scope_threshold,
             "threshold": threshold, "top_confidence": float(conf[top]) if top is not None else None,
             "abstained": r.abstained, "experts_total": len(self.rows), "experts_scored": scored,
             "context_turns": turns, "balanced": bias is not None,

@@ -63,11 +63,13 @@ def top_k(conf: np.ndarray, k: int) -> np.ndarray:
 
 
 def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.ndarray] = None,
-           logits: Optional[np.ndarray] = None, blocked: Optional[np.ndarray] = None) -> list[np.ndarray]:
+           logits: Optional[np.ndarray] = None, blocked: Optional[np.ndarray] = None,
+           admit: Optional[np.ndarray] = None) -> list[np.ndarray]:
     """Per row, up to ``k`` expert indices; an empty array means the router abstains on that query.
 
     ``conf`` ``(n, E)``: calibrated confidences. A row abstains when its best confidence is below
-    ``min_confidence``. Otherwise the candidates are the experts with confidence >= ``min_confidence``
+    ``min_confidence``, or, when ``admit`` ``(n,)`` bool is given, exactly when ``admit`` is False
+    (``min_confidence`` then only filters the experts after the best one). Otherwise the candidates are the experts with confidence >= ``min_confidence``
     (never fewer than the best one), ranked by ``logits + bias`` when a selection ``bias`` ``(E,)`` is
     given (the bias moves *which* experts are chosen, not their confidences), else by ``conf``.
     ``blocked`` ``(E,)`` bool masks experts at capacity unless no other candidate is left.
@@ -76,19 +78,22 @@ def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.nd
     n, e = conf.shape
     if e == 0:
         return [np.zeros(0, dtype=np.int64) for _ in range(n)]
+    if admit is None:
+        admit = conf.max(axis=1) >= min_confidence
+    admit = np.asarray(admit, dtype=bool)
     if bias is None and blocked is None:
         idx = top_k(conf, k)
         rows = np.arange(n)[:, None]
-        best = conf[rows[:, 0], idx[:, 0]]
         keep = conf[rows, idx] >= min_confidence
-        return [idx[i][keep[i]] if best[i] >= min_confidence else idx[i][:0] for i in range(n)]
+        keep[:, 0] = True
+        return [idx[i][keep[i]] if admit[i] else idx[i][:0] for i in range(n)]
     rank = np.asarray(logits if logits is not None else np.log(np.maximum(conf, 1e-300)), dtype=np.float64)
     if bias is not None:
         rank = rank + np.asarray(bias, dtype=np.float64)[None, :]
     out = []
     for i in range(n):
         best = int(np.argmax(conf[i]))
-        if conf[i, best] < min_confidence:
+        if not admit[i]:
             out.append(np.zeros(0, dtype=np.int64))
             continue
         ok = conf[i] >= min_confidence

@@ -14,6 +14,7 @@ def _is_num(v: Any) -> bool:
 
 _ROUTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "min_confidence": (lambda v: v is None or (_is_num(v) and 0 <= v <= 1), "None or a number in [0, 1]"),
+    "min_scope": (lambda v: v is None or _is_num(v), "None or a number"),
     "refuse_rate": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "min_heldout": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     "gate_C": (lambda v: _is_num(v) and v > 0, "a number > 0"),
