@@ -328,6 +328,8 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         v = self.embedder.embed(texts)
+        if getattr(self.embedder, "checks_output", False) and getattr(v, "shape", None) == (len(texts), self.dim):
+            return v
         return normalize(as_matrix(v, self.dim, what=f"embedder {self.embedder.name!r} output"))
 
     def add_documents(self, name: str, documents: Sequence[Document], vectors: Optional[np.ndarray] = None, *,

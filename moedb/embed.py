@@ -110,6 +110,8 @@ class SentenceTransformerEmbedder:
 class CallableEmbedder:
     """Wraps a user object with ``embed(texts) -> array (n, d)``; results are validated and normalised."""
 
+    checks_output = True  # embed() returns validated unit float32 rows (the database need not check again)
+
     def __init__(self, obj: Any, name: Optional[str] = None, dim: Optional[int] = None):
         self.obj = obj
         self.name = name or getattr(obj, "name", None) or type(obj).__name__

@@ -117,6 +117,45 @@ def test_calibrated_abstention_refuses_unrelated_queries_and_few_in_scope(vdb):
     assert not any(r.abstained for r in vdb.route_many(list(far), top_k=1, k=0, log=False))
 
 
+def test_scope_rule_min_scope_and_its_persistence(vdb, tmp_path):
+    rng = np.random.default_rng(5)
+    centers = fill(vdb, rng, [f"e{i}" for i in range(5)], n=40)
+    figs = vdb.router_figures()
+    thr = figs["scope_threshold"]
+    assert thr is not None and figs["heldout_refused"] == pytest.approx(0.02, abs=0.01)
+    inscope = np.concatenate([cluster(rng, c, 20) for c in centers])
+    far = unit(rng.normal(size=(200, D)))
+    far = far[(far @ centers.T).max(axis=1) < 0.2]
+    rin = vdb.route_many(list(inscope), top_k=1, k=0, log=False)
+    rfar = vdb.route_many(list(far), top_k=1, k=0, log=False)
+    s_in = np.array([r.scope for r in rin])
+    s_far = np.array([r.scope for r in rfar])
+    # the scope separates in-scope from unrelated queries, and abstention is exactly scope < threshold
+    assert np.median(s_in) > thr > np.median(s_far)
+    assert [r.abstained for r in rin + rfar] == list(np.r_[s_in, s_far] < thr)
+    # min_scope replaces the calibrated threshold; a confidence rule (min_confidence) overrides both
+    vdb.configure(min_scope=float(np.max(s_in)) + 1.0)
+    assert all(r.abstained for r in vdb.route_many(list(inscope[:10]), top_k=1, k=0, log=False))
+    assert not any(r.abstained for r in vdb.route_many(list(inscope[:10]), top_k=1, k=0, min_confidence=0.0,
+                                                       log=False))
+    vdb.configure(min_scope=float(np.min(s_far)) - 1.0)
+    assert not any(r.abstained for r in vdb.route_many(list(far), top_k=1, k=0, log=False))
+    with pytest.raises(moedb.ConfigError, match="min_scope"):
+        vdb.configure(min_scope=float("nan"))
+    vdb.configure(min_scope=None)
+    # the calibrated scope survives reopening: same scores, same decisions
+    path = vdb.path
+    vdb.close()
+    again = moedb.connect(path, embedder=moedb.VectorsOnly(D))
+    try:
+        assert again.router_figures()["scope_threshold"] == pytest.approx(thr)
+        r2 = again.route_many(list(far), top_k=1, k=0, log=False)
+        assert np.allclose([r.scope for r in r2], s_far, atol=1e-5)
+        assert [r.abstained for r in r2] == [r.abstained for r in rfar]
+    finally:
+        again.close()
+
+
 def test_balancing_spreads_load_over_replicas_and_persists(vdb):
     rng = np.random.default_rng(3)
     c = unit(rng.normal(size=D))

