@@ -115,6 +115,7 @@ class HybridGate:
         held_F: list[list[np.ndarray]] = [[], [], []]
         held_y: list[np.ndarray] = []
         held_scope: list[np.ndarray] = []  # (n, 2): max centroid cosine, logsumexp of the gate's logits
+        fold_gates: list[tuple[np.ndarray, np.ndarray]] = []
         fbh_F: list[list[np.ndarray]] = [[], [], []]
         fbh_y: list[np.ndarray] = []
         for f in range(K if K >= 2 else 0):
@@ -128,6 +129,8 @@ class HybridGate:
             te_texts = [t for tx, fo in zip(texts, fold) for t, fo_i in zip(tx, fo) if fo_i == f] if lexical_on else None
             C, owner, lr, lex = self._signals(tr, tr_texts, keywords, descriptions,
                                               (fb[0][fb_in], fb[1][fb_in], fb[2][fb_in]), None)
+            # (fold gates start cold: a start fitted on their held-out documents could leak into them)
+            fold_gates.append((lr.coef_, lr.intercept_))
             if any(len(t) for t in te):
                 Q = np.concatenate([t for t in te if len(t)])
                 held_y.append(np.concatenate([np.full(len(t), e) for e, t in enumerate(te) if len(t)]))
@@ -178,6 +181,8 @@ class HybridGate:
             self.scope_threshold_ = -np.inf
         self.mix_ = np.asarray(mix, dtype=np.float64)
         # ---- final fit on every document
+        if warm_start is None and fold_gates:  # the final fit starts from the mean of the fold gates
+            warm_start = (np.mean([c for c, _ in fold_gates], axis=0), np.mean([b for _, b in fold_gates], axis=0))
         self.centroids_, self.owner_, lr, self.lex_ = self._signals(
             groups, texts if lexical_on else None, keywords, descriptions, fb, warm_start)
         self.coef_, self.intercept_ = lr.coef_, lr.intercept_
