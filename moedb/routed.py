@@ -298,13 +298,13 @@ class RoutingMixin:
         bal = self._balancer(router) if router is not None and self._settings["balance"] else None
         results = []
         for i in range(n):
+            adm = admit[i:i + 1] if admit is not None else None
             if bal is not None:
                 sel = select(conf[i:i + 1], top_k, thr, bias=bal.bias, logits=z[i:i + 1], blocked=bal.blocked(),
-                             admit=admit[i:i + 1] if admit is not None else None)[0]
+                             admit=adm)[0]
                 bal.observe(z[i], sel, top_k)
             else:
-                sel = select(conf[i:i + 1], top_k, thr, admit=admit[i:i + 1] if admit is not None else None)[0] \
-                    if E else np.zeros(0, np.int64)
+                sel = select(conf[i:i + 1], top_k, thr, admit=adm)[0] if E else np.zeros(0, np.int64)
             rows = [router.rows[j] for j in sel]
             es = [ExpertScore(router.rows[j]["name"], float(z[i, j]), float(conf[i, j])) for j in sel]
             hits = self._hits(self._retrieve(Q[i], rows, k)) if rows and k else []

@@ -91,15 +91,12 @@ class Balancer:
         """
         if len(chosen) == 0:
             return
-        z_row = np.asarray(z_row, dtype=np.float64)
-        finite = np.isfinite(z_row)
-        best = int(np.argmax(np.where(finite, z_row, -np.inf)))
-        idx = np.flatnonzero(finite & (z_row >= z_row[best] - self.margin))
+        z_row = np.where(np.isfinite(z_row), z_row, -np.inf)
+        idx = np.flatnonzero(eligible(z_row[None, :], self.margin)[0])
         if self.means is not None and self.similarity > 0 and len(idx) > 1:
             # near-equivalent = close in score *and* in content to the best expert (replicas, not rivals)
-            idx = idx[(self.means[idx] @ self.means[best]) >= self.similarity]
-        m = len(idx)
-        exp = np.full(m, min(k, m) / m if m else 0.0)
+            idx = idx[(self.means[idx] @ self.means[int(np.argmax(z_row))]) >= self.similarity]
+        exp = expected_share(np.ones(len(idx), dtype=bool), k)
         # a far second choice (outside the near-equivalent set) is not a balancing matter
         picked = set(np.asarray(chosen).tolist())
         load = np.array([1.0 if i in picked else 0.0 for i in idx.tolist()])

@@ -21,12 +21,19 @@ def softmax(x: np.ndarray, temperature: float = 1.0, axis: int = -1) -> np.ndarr
     return e / np.where(s > 0, s, 1.0)
 
 
-def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """``log(softmax(x))`` computed stably; same shape as ``x`` (float64)."""
+def logsumexp(x: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    """``log(sum(exp(x)))`` along ``axis``, computed stably (float64); ``(n, E) -> (n,)`` by default."""
     z = np.asarray(x, dtype=np.float64)
     m = np.max(z, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
-    return z - m - np.log(np.exp(z - m).sum(axis=axis, keepdims=True))
+    out = m + np.log(np.exp(z - m).sum(axis=axis, keepdims=True))
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``log(softmax(x))`` computed stably; same shape as ``x`` (float64)."""
+    z = np.asarray(x, dtype=np.float64)
+    return z - logsumexp(z, axis=axis, keepdims=True)
 
 
 def cosine_scores(queries: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -69,8 +76,8 @@ def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.nd
 
     ``conf`` ``(n, E)``: calibrated confidences. A row abstains when its best confidence is below
     ``min_confidence``, or, when ``admit`` ``(n,)`` bool is given, exactly when ``admit`` is False
-    (``min_confidence`` then only filters the experts after the best one). Otherwise the candidates are the experts with confidence >= ``min_confidence``
-    (never fewer than the best one), ranked by ``logits + bias`` when a selection ``bias`` ``(E,)`` is
+    (``min_confidence`` then only filters the experts after the best one). Otherwise the candidates
+    are the experts with confidence >= ``min_confidence`` (never fewer than the best one), ranked by ``logits + bias`` when a selection ``bias`` ``(E,)`` is
     given (the bias moves *which* experts are chosen, not their confidences), else by ``conf``.
     ``blocked`` ``(E,)`` bool masks experts at capacity unless no other candidate is left.
     """

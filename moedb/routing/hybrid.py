@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .calibration import abstain_threshold, ece, fit_mix
-from .gating import log_softmax, softmax
+from .gating import log_softmax, logsumexp, softmax
 from .kmeans import max_per_owner, multi_centroids, owner_groups
 from .lexical import LexicalIndex
 from .logreg import SoftmaxRegression
@@ -138,7 +138,7 @@ class HybridGate:
                 logit = lr.decision(Q)
                 held_F[0].append(cen)
                 held_F[1].append(log_softmax(logit))
-                held_scope.append(np.stack([cen.max(axis=1), _lse(logit)], axis=1))
+                held_scope.append(np.stack([cen.max(axis=1), logsumexp(logit)], axis=1))
                 held_F[2].append(lex.score(te_texts) if lex is not None else np.zeros((len(Q), E), np.float32))
             if fb_out.any():
                 Qf = fb[0][fb_out]
@@ -166,7 +166,8 @@ class HybridGate:
             sd = H.std(axis=0)
             self.scope_stats_ = np.array([H[:, 0].mean(), max(sd[0], 1e-6), H[:, 1].mean(), max(sd[1], 1e-6)])
             s_held = self._scope_from(H[:, 0], H[:, 1])
-            self.scope_threshold_ = float(np.quantile(s_held, self.refuse_rate, method="lower")) \
+            # (the scope can be negative: "never abstain" is -inf here, not abstain_threshold's 0.0)
+            self.scope_threshold_ = abstain_threshold(s_held, self.refuse_rate) \
                 if reliable and self.refuse_rate > 0 else -np.inf
             figures.update(heldout=int(len(y)), heldout_accuracy=float((pred == y).mean()),
                            heldout_ece=ece(top, pred == y),
@@ -251,7 +252,7 @@ class HybridGate:
         if not cen.shape[1]:
             z = np.zeros(cen.shape)
             return {"centroid": z, "gate": z, "lexical": z}, np.full(len(cen), -np.inf)
-        lse = _lse(logits)
+        lse = logsumexp(logits)
         a = self.mix_
         comps = {"centroid": a[0] * cen, "gate": a[1] * (logits - lse[:, None]), "lexical": a[2] * lex}
         return comps, self._scope_from(cen.max(axis=1), lse)
@@ -268,7 +269,7 @@ class HybridGate:
     def components(self, Q: np.ndarray, texts: Optional[Sequence[str]] = None, cols: Optional[np.ndarray] = None
                    ) -> dict[str, np.ndarray]:
         """Weighted signals ``a_k * signal_k``: their sum is the logit ``z`` ``(n, E)``."""
-        return {k: self.mix_[i] * v for i, (k, v) in enumerate(self.raw(Q, texts, cols).items())}
+        return self.score(Q, texts, cols)[0]
 
     def logits(self, Q: np.ndarray, texts: Optional[Sequence[str]] = None, cols: Optional[np.ndarray] = None
                ) -> np.ndarray:
@@ -315,9 +316,3 @@ class HybridGate:
         self.lex_ = LexicalIndex.from_arrays(a) if "lex_vocab" in a else None
         return self
 
-
-def _lse(x: np.ndarray) -> np.ndarray:
-    """``log(sum(exp(x)))`` along the last axis ``(n, E) -> (n,)``, stable."""
-    x = np.asarray(x, dtype=np.float64)
-    m = x.max(axis=-1)
-    return m + np.log(np.exp(x - m[..., None]).sum(axis=-1))
