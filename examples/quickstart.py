@@ -48,7 +48,7 @@ def main() -> None:
             r = db.route(q, top_k=2, k=2)
             print(f"\nQ: {q}")
             if r.abstained:
-                print("   -> no expert is confident (abstained)")
+                print(f"   -> looks like none of the experts (abstained; scope {r.scope:.2f})")
             for e in r.experts:
                 print(f"   expert {e.name:<10} confidence {e.confidence:.2f}  score {e.score:.3f}")
             for h in r.hits:
