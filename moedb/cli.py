@@ -119,6 +119,8 @@ def add_expert(ctx: typer.Context, name: str,
                keyword: List[str] = typer.Option(None, "--keyword", help="Keyword (repeatable)."),
                parent: Optional[str] = typer.Option(None, "--parent"),
                chunk_size: int = typer.Option(1000, "--chunk-size", help="Max characters per passage."),
+               refuse: bool = typer.Option(False, "--refuse", help="A refusal expert: its documents are examples "
+                                           "of queries no expert should answer; routes that match it abstain."),
                refit: bool = REFIT_OPT, json_out: bool = JSON_OPT) -> None:
     """Create an expert from files and/or inline texts."""
     from .chunk import iter_files, read_passages
@@ -129,12 +131,12 @@ def add_expert(ctx: typer.Context, name: str,
     with open_db(ctx, must_exist=False) as db:
         with progress_bar(f"embedding {name}") as pb:
             e = db.add_expert(name, docs, description=description, keywords=keyword or [], parent=parent,
-                              progress=pb)
+                              progress=pb, refuse=refuse)
         refit_now(db, refit)
     if json_out:
         emit_json(e.to_dict())
     else:
-        typer.echo(f"added expert {e.name!r} with {e.size} passages")
+        typer.echo(f"added {'refusal ' if e.refuse else ''}expert {e.name!r} with {e.size} passages")
 
 
 @app.command("add-docs")
@@ -176,7 +178,8 @@ def list_experts(ctx: typer.Context, tree: bool = typer.Option(False, "--tree", 
 
         def grow(node, parent):
             for e in children.get(parent, []):
-                grow(node.add(f"{e.name} [dim]({e.size} docs)[/dim]"), e.name)
+                role = ", refuses" if e.refuse else ""
+                grow(node.add(f"{e.name} [dim]({e.size} docs{role})[/dim]"), e.name)
 
         grow(root, None)
         console().print(root)
@@ -185,7 +188,8 @@ def list_experts(ctx: typer.Context, tree: bool = typer.Option(False, "--tree", 
 
     t = Table("expert", "docs", "parent", "keywords", "description")
     for e in experts:
-        t.add_row(e.name, str(e.size), e.parent or "", ", ".join(e.keywords), e.description[:60])
+        t.add_row(e.name + (" (refuses)" if e.refuse else ""), str(e.size), e.parent or "", ", ".join(e.keywords),
+                  e.description[:60])
     console().print(t)
 
 
@@ -245,7 +249,9 @@ def route(ctx: typer.Context, query: str,
         return
     from rich.table import Table
 
-    if r.abstained:
+    if r.abstained and r.refused_by:
+        typer.echo(f"refused: the query looks like the out-of-scope examples in {r.refused_by!r} (abstained)")
+    elif r.abstained:
         typer.echo("no expert is confident enough for this query (abstained)")
     else:
         cols = ["expert", "confidence", "", "score"]

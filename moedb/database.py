@@ -75,6 +75,14 @@ def _check_name(name: Any, what: str = "expert name") -> str:
     return name
 
 
+def _check_refuse(refuse: Any, parent: Optional[str]) -> bool:
+    if not isinstance(refuse, (bool, np.bool_)):
+        raise InvalidInput(f"refuse must be True or False, got {refuse!r}")
+    if refuse and parent is not None:
+        raise InvalidInput("a refusal expert cannot have a parent (it is not part of the tree)")
+    return bool(refuse)
+
+
 class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
     """An open moedb file. Create with :func:`moedb.connect`."""
 
@@ -206,7 +214,7 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
         return Expert(name=row["name"], description=row["description"], keywords=list(row["keywords"]),
                       parent=row["parent"], size=row["size"], metadata=dict(row["metadata"]),
                       generator=row["generator"], created_at=row["created_at"], updated_at=row["updated_at"],
-                      centroid=row.get("centroid"))
+                      centroid=row.get("centroid"), refuse=bool(row.get("refuse")))
 
     def experts(self) -> list[Expert]:
         """All experts, in creation order."""
@@ -224,6 +232,8 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
         self._refresh()
         if parent not in self._by_name:
             raise UnknownExpert(parent, role="parent expert")
+        if self._by_name[parent].get("refuse"):
+            raise InvalidInput(f"{parent!r} is a refusal expert and cannot be a parent")
         if child is not None:
             node: Optional[str] = parent
             while node is not None:
@@ -235,9 +245,15 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
     def add_expert(self, name: str, documents: Optional[Sequence[Document]] = None, *, description: str = "",
                    keywords: Optional[Sequence[str]] = None, parent: Optional[str] = None,
                    metadata: Optional[dict] = None, vectors: Optional[np.ndarray] = None,
-                   generator: Optional[dict] = None, progress: Progress = None) -> Expert:
-        """Create an expert, optionally with documents, in one transaction."""
+                   generator: Optional[dict] = None, progress: Progress = None, refuse: bool = False) -> Expert:
+        """Create an expert, optionally with documents, in one transaction.
+
+        ``refuse=True`` makes a *refusal expert*: its documents are examples of queries that none of the
+        experts should answer. It joins the gate as one more class but is never selected; a route whose
+        best match it is abstains (``r.refused_by``), and it sharpens the scope rule for everything else.
+        """
         _check_name(name)
+        refuse = _check_refuse(refuse, parent)
         kw = [str(k) for k in (keywords or [])]
         if metadata is not None and not isinstance(metadata, dict):
             raise InvalidInput("metadata must be a dict")
@@ -245,7 +261,7 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
         parent_id = self._check_parent(parent)
         prepared = self._prepare(documents or [], vectors, progress) if documents or vectors is not None else None
         with self.store.atomic():
-            eid = self.store.insert_expert(name, description or "", kw, parent_id, metadata or {}, gen)
+            eid = self.store.insert_expert(name, description or "", kw, parent_id, metadata or {}, gen, refuse)
             if prepared:
                 self.store.insert_documents(eid, *prepared)
         self._touch()
@@ -262,10 +278,15 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
         return validate_config(generator)
 
     def update_expert(self, name: str, *, description: Optional[str] = None, keywords: Optional[Sequence[str]] = None,
-                      parent: Any = ..., metadata: Optional[dict] = None) -> Expert:
-        """Change an expert's description, keywords, parent (``None`` detaches) or metadata."""
+                      parent: Any = ..., metadata: Optional[dict] = None, refuse: Optional[bool] = None) -> Expert:
+        """Change an expert's description, keywords, parent (``None`` detaches), metadata or refusal role."""
         row = self._require(name)
         fields: dict[str, Any] = {}
+        if refuse is not None:
+            new_parent = row["parent"] if parent is ... else parent
+            fields["refuse"] = int(_check_refuse(refuse, new_parent))
+            if fields["refuse"] and self.store.children(row["id"]):
+                raise InvalidInput(f"{name!r} has children: a refusal expert cannot be a parent")
         if description is not None:
             fields["description"] = description
         if keywords is not None:
@@ -273,6 +294,8 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
         if metadata is not None:
             fields["metadata"] = metadata
         if parent is not ...:
+            if parent is not None and (row.get("refuse") if refuse is None else refuse):
+                raise InvalidInput("a refusal expert cannot have a parent (it is not part of the tree)")
             fields["parent_id"] = self._check_parent(parent, child=name)
         self.store.update_expert(row["id"], **fields)
         self._touch()

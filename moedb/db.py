@@ -161,18 +161,18 @@ class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
     # ------------------------------------------------------------------ experts
     _EXPERT_COLS = (
         "e.id, e.name, e.description, e.keywords, p.name, e.metadata, e.generator, e.n_docs, "
-        "e.vec_sum, e.version, e.created_at, e.updated_at, e.parent_id"
+        "e.vec_sum, e.version, e.created_at, e.updated_at, e.parent_id, e.refuse"
     )
 
     @staticmethod
     def _expert_dict(row: tuple) -> dict[str, Any]:
-        (id_, name, desc, kw, parent, md, gen, n, vec_sum, version, created, updated, parent_id) = row
+        (id_, name, desc, kw, parent, md, gen, n, vec_sum, version, created, updated, parent_id, refuse) = row
         return {
             "id": id_, "name": name, "description": desc, "keywords": json.loads(kw),
             "parent": parent, "parent_id": parent_id, "metadata": json.loads(md),
             "generator": json.loads(gen) if gen else None, "size": n,
             "vec_sum": np.frombuffer(vec_sum, dtype="<f8") if vec_sum else None,
-            "version": version, "created_at": created, "updated_at": updated,
+            "version": version, "created_at": created, "updated_at": updated, "refuse": bool(refuse),
         }
 
     def expert_rows(self) -> list[dict[str, Any]]:
@@ -197,20 +197,20 @@ class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
         return row[0]
 
     def insert_expert(self, name: str, description: str, keywords: list[str], parent_id: Optional[int],
-                      metadata: dict, generator: Optional[dict]) -> int:
+                      metadata: dict, generator: Optional[dict], refuse: bool = False) -> int:
         now = time.time()
         with self.atomic():
             if self.q1("SELECT 1 FROM experts WHERE name=?", (name,)):
                 raise DuplicateExpert(f"expert {name!r} already exists")
             self.conn.execute(
                 "INSERT INTO experts(name, description, keywords, parent_id, metadata, generator, "
-                "created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                "created_at, updated_at, refuse) VALUES (?,?,?,?,?,?,?,?,?)",
                 (name, description, _dumps(keywords), parent_id, _dumps(metadata),
-                 _dumps(generator) if generator is not None else None, now, now),
+                 _dumps(generator) if generator is not None else None, now, now, int(bool(refuse))),
             )
             return self.conn.last_insert_rowid()
 
-    _UPDATABLE = {"name", "description", "keywords", "parent_id", "metadata", "generator"}
+    _UPDATABLE = {"name", "description", "keywords", "parent_id", "metadata", "generator", "refuse"}
 
     def update_expert(self, expert_id: int, **fields: Any) -> None:
         bad = set(fields) - self._UPDATABLE

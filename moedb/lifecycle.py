@@ -160,6 +160,8 @@ class LifecycleMixin(FeedbackMixin):
         from .database import _check_name
 
         row = self._require(name)
+        if row.get("refuse"):
+            raise InvalidInput(f"{name!r} is a refusal expert: it is not split (it has no children)")
         if names is not None:
             names = [_check_name(x, "child name") for x in names]
             if n is not None and n != len(names):
@@ -224,6 +226,11 @@ class LifecycleMixin(FeedbackMixin):
         if len(set(names)) != len(names):
             raise InvalidInput("an expert is named twice in the merge")
         rows = [self._require(x) for x in names]
+        roles = {bool(r.get("refuse")) for r in rows}
+        if into in self._by_name:
+            roles.add(bool(self._by_name[into].get("refuse")))
+        if len(roles) > 1:
+            raise InvalidInput("cannot merge refusal experts with experts that answer")
         sources = [r for r in rows if r["name"] != into]
         if not sources:
             raise InvalidInput(f"nothing to merge: the only expert given is the target {into!r}")
@@ -258,7 +265,7 @@ class LifecycleMixin(FeedbackMixin):
                 tid = self.store.insert_expert(
                     into, description if description is not None else "; ".join(dict.fromkeys(descs)), kws,
                     new_parent, {"merged_from": [r["name"] for r in sources]},
-                    sources[0]["generator"] if len(gens) == 1 else None)
+                    sources[0]["generator"] if len(gens) == 1 else None, bool(sources[0].get("refuse")))
             else:
                 tid = target["id"]
                 fields: dict[str, Any] = {}
@@ -316,7 +323,7 @@ class LifecycleMixin(FeedbackMixin):
         [{"action", ..., "reason", "evidence"}], "applied", "results"}``.
         """
         self._refresh()
-        leaves = [r for r in self._experts if r["size"] > 0]
+        leaves = [r for r in self._experts if r["size"] > 0 and not r.get("refuse")]
         proposals: list[dict[str, Any]] = []
         load = self.store.load_by_expert(None, None)
         tops = {r["id"]: int(load.get(r["id"], {}).get("top", 0)) for r in leaves}

@@ -295,21 +295,26 @@ class RoutingMixin:
         thr, scope_thr = self._threshold(explicit, router)
         admit = scope >= scope_thr if scope_thr is not None else None
         n, E = conf.shape
+        refused_by, exclude, z_sel = self._refusals(router, conf, z, thr, scope_thr)
+        if exclude is not None:
+            if admit is None:  # the confidence rule, over the experts that answer
+                admit = np.where(exclude[None, :], -np.inf, conf).max(axis=1) >= thr
+            admit = admit & np.array([b is None for b in refused_by], dtype=bool)
         bal = self._balancer(router) if router is not None and self._settings["balance"] else None
         results = []
         for i in range(n):
             adm = admit[i:i + 1] if admit is not None else None
             if bal is not None:
-                sel = select(conf[i:i + 1], top_k, thr, bias=bal.bias, logits=z[i:i + 1], blocked=bal.blocked(),
-                             admit=adm)[0]
-                bal.observe(z[i], sel, top_k)
+                sel = select(conf[i:i + 1], top_k, thr, bias=bal.bias, logits=z_sel[i:i + 1], blocked=bal.blocked(),
+                             admit=adm, exclude=exclude)[0]
+                bal.observe(z_sel[i], sel, top_k)
             else:
-                sel = select(conf[i:i + 1], top_k, thr, admit=adm)[0] if E else np.zeros(0, np.int64)
+                sel = select(conf[i:i + 1], top_k, thr, admit=adm, exclude=exclude)[0] if E else np.zeros(0, np.int64)
             rows = [router.rows[j] for j in sel]
             es = [ExpertScore(router.rows[j]["name"], float(z[i, j]), float(conf[i, j])) for j in sel]
             hits = self._hits(self._retrieve(Q[i], rows, k)) if rows and k else []
             r = RouteResult(query=texts[i], experts=es, hits=hits, abstained=not es,
-                            scope=float(scope[i]) if np.isfinite(scope[i]) else None)
+                            scope=float(scope[i]) if np.isfinite(scope[i]) else None, refused_by=refused_by[i])
             if rows:
                 r.path = router.path(rows[0]["id"])
             if explain:
@@ -328,6 +333,24 @@ class RoutingMixin:
                 if logging:
                     self._log(results, Q)
         return results
+
+    def _refusals(self, router, conf: np.ndarray, z: np.ndarray, thr: float, scope_thr: Optional[float]
+                  ) -> tuple[list[Optional[str]], Optional[np.ndarray], np.ndarray]:
+        """Per query the refusal expert that is its best match (``None`` if none), the ``(E,)`` mask of
+        refusal experts (``None`` without any) and the logits ``(n, E)`` with them at ``-inf`` for selection.
+
+        A refusal expert never answers; being the best match abstains, except under ``min_confidence=0.0``,
+        which never abstains.
+        """
+        n = len(conf)
+        if router is None or not len(router.refuse_cols):
+            return [None] * n, None, z
+        exclude = np.zeros(conf.shape[1], dtype=bool)
+        exclude[router.refuse_cols] = True
+        best = conf.argmax(axis=1) if conf.shape[1] else np.zeros(n, np.int64)
+        active = scope_thr is not None or thr > 0
+        refused = [router.rows[int(b)]["name"] if active and exclude[int(b)] else None for b in best]
+        return refused, exclude, np.where(exclude[None, :], -np.inf, z)
 
     # ------------------------------------------------------------------ load balancing
     def _balancer(self, router) -> Balancer:
@@ -362,7 +385,7 @@ class RoutingMixin:
         ``max_over_mean`` of the load across routable experts."""
         self._refresh()
         rows = self.store.balance_rows()
-        routable = [r for r in self._experts if r["size"] > 0]
+        routable = [r for r in self._experts if r["size"] > 0 and not r.get("refuse")]
         load = np.array([rows.get(r["id"], (0, 0))[1] for r in routable], dtype=np.float64)
         fig = load_figures(load)
         total = fig["total"] or 1.0
@@ -402,5 +425,5 @@ class RoutingMixin:
             raise InvalidInput(f"k must be an integer >= 1, got {k!r}")
         _, Q = self._query_vectors([query])
         rows = [self._require(n) for n in experts] if experts is not None else \
-            [r for r in self._experts if r["size"] > 0]
+            [r for r in self._experts if r["size"] > 0 and not r.get("refuse")]
         return self._hits(self._retrieve(Q[0], rows, k, exact=True))

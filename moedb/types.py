@@ -25,6 +25,7 @@ class Expert:
     created_at: float = 0.0
     updated_at: float = 0.0
     centroid: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    refuse: bool = False  # a refusal expert: examples of queries none of the experts should answer
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,6 +77,7 @@ class RouteResult:
     path: list[str] = field(default_factory=list)
     explanation: Optional[dict[str, Any]] = None
     scope: Optional[float] = None  # how much the query looks like the experts' documents (standardised)
+    refused_by: Optional[str] = None  # the refusal expert that matched best, when that made the route abstain
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -87,6 +89,7 @@ class RouteResult:
             "latency_ms": self.latency_ms,
             "path": list(self.path),
             "scope": self.scope,
+            "refused_by": self.refused_by,
         }
         if self.explanation is not None:
             d["explanation"] = self.explanation

@@ -18,7 +18,7 @@ def fingerprint(rows: Sequence[dict], settings: dict[str, Any]) -> str:
     """What a fitted gate depends on: routable experts (id, version) and the fit settings."""
     h = hashlib.sha1(f"gate-format={FORMAT};".encode())
     for r in rows:
-        h.update(f"{r['id']}:{r['version']};".encode())
+        h.update(f"{r['id']}:{r['version']}:{int(bool(r.get('refuse')))};".encode())
     for k in ("gate_C", "gate_folds", "gate_max_iter", "refuse_rate", "lexical", "min_heldout"):
         h.update(f"{k}={settings.get(k)!r};".encode())
     return h.hexdigest()
@@ -40,6 +40,8 @@ class Router:
         self.names = {r["id"]: r["name"] for r in all_rows}
         self._nodes: Optional[dict[int, np.ndarray]] = None
         self._ann = None
+        # refusal experts: gate classes that are never selected (a best match there abstains)
+        self.refuse_cols = np.flatnonzero([bool(r.get("refuse")) for r in rows]).astype(np.int64)
         self.seen: tuple = ()  # (expert list, settings dict) objects this router was last checked against
 
     @staticmethod
@@ -74,7 +76,8 @@ class Router:
                           min_heldout=int(settings.get("min_heldout", 30)),
                           max_total_docs=int(settings.get("gate_max_docs", 20000)))
         gate.fit(groups, texts, keywords=[r.get("keywords") or [] for r in rows],
-                 descriptions=[r.get("description") or "" for r in rows], feedback=fb, warm_start=warm)
+                 descriptions=[r.get("description") or "" for r in rows], feedback=fb, warm_start=warm,
+                 refuse=[bool(r.get("refuse")) for r in rows])
         gate.figures_["expert_ids"] = [r["id"] for r in rows]
         return Router(rows, all_rows, gate, key)
 
@@ -95,7 +98,7 @@ class Router:
         """Centroids of every tree node, derived from its routable descendants (cached)."""
         if self._nodes is None:
             g = self.gate
-            leaf = {r["id"]: g.centroids_[g.owner_ == j] for j, r in enumerate(self.rows)}
+            leaf = {r["id"]: g.centroids_[g.owner_ == j] for j, r in enumerate(self.rows) if not r.get("refuse")}
             self._nodes = node_centroids(self.tree, leaf)
         return self._nodes
 
@@ -106,8 +109,11 @@ class Router:
         def score(ids):
             return np.array([float((nodes[i] @ q).max()) if i in nodes else -np.inf for i in ids])
 
-        cands, scored = beam_candidates(self.tree, score, set(self.col), width)
-        return np.array(sorted(self.col[i] for i in cands), dtype=np.int64), len(scored)
+        answering = {i for i, j in self.col.items() if not self.rows[j].get("refuse")}
+        cands, scored = beam_candidates(self.tree, score, answering, width)
+        # refusal experts are always scored: they are the evidence against every other expert
+        cols = np.union1d(np.array([self.col[i] for i in cands], dtype=np.int64), self.refuse_cols)
+        return cols.astype(np.int64), len(scored)
 
     def path(self, expert_id: int) -> list[str]:
         return [self.names[i] for i in self.tree.path(expert_id)]
@@ -120,7 +126,7 @@ class Router:
     def ann_candidates(self, Q: np.ndarray, n_centroids: int) -> list[np.ndarray]:
         """Per query, the columns owning one of the ``n_centroids`` nearest centroids."""
         lab, _ = self._ann.query(Q, n_centroids)
-        return [np.unique(self.gate.owner_[row]).astype(np.int64) for row in lab]
+        return [np.union1d(self.gate.owner_[row], self.refuse_cols).astype(np.int64) for row in lab]
 
     # ------------------------------------------------------------------ scoring
     def score(self, Q: np.ndarray, texts: Optional[Sequence[str]], cands: Optional[list[np.ndarray]] = None
@@ -163,7 +169,8 @@ class Router:
             "rule": "scope" if scope_threshold is not None else "confidence",
             "scope": scope, "scope_threshold": scope_threshold,
             "threshold": threshold, "top_confidence": float(conf[top]) if top is not None else None,
-            "abstained": r.abstained, "experts_total": len(self.rows), "experts_scored": scored,
+            "abstained": r.abstained, "refused_by": r.refused_by, "refusal_experts": len(self.refuse_cols),
+            "experts_total": len(self.rows), "experts_scored": scored,
             "context_turns": turns, "balanced": bias is not None,
             "lexical_terms": g.lex_.top_terms(text or "", top) if (g.lex_ is not None and top is not None) else [],
         }

@@ -71,7 +71,7 @@ def top_k(conf: np.ndarray, k: int) -> np.ndarray:
 
 def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.ndarray] = None,
            logits: Optional[np.ndarray] = None, blocked: Optional[np.ndarray] = None,
-           admit: Optional[np.ndarray] = None) -> list[np.ndarray]:
+           admit: Optional[np.ndarray] = None, exclude: Optional[np.ndarray] = None) -> list[np.ndarray]:
     """Per row, up to ``k`` expert indices; an empty array means the router abstains on that query.
 
     ``conf`` ``(n, E)``: calibrated confidences. A row abstains when its best confidence is below
@@ -80,11 +80,17 @@ def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.nd
     are the experts with confidence >= ``min_confidence`` (never fewer than the best one), ranked by ``logits + bias`` when a selection ``bias`` ``(E,)`` is
     given (the bias moves *which* experts are chosen, not their confidences), else by ``conf``.
     ``blocked`` ``(E,)`` bool masks experts at capacity unless no other candidate is left.
+    ``exclude`` ``(E,)`` bool: experts that are never selected (refusal experts); a row whose only
+    experts are excluded abstains.
     """
     conf = np.asarray(conf, dtype=np.float64)
     n, e = conf.shape
     if e == 0:
         return [np.zeros(0, dtype=np.int64) for _ in range(n)]
+    if exclude is not None and np.any(exclude):
+        if np.all(exclude):
+            return [np.zeros(0, dtype=np.int64) for _ in range(n)]
+        conf = np.where(np.asarray(exclude, dtype=bool)[None, :], -np.inf, conf)
     if admit is None:
         admit = conf.max(axis=1) >= min_confidence
     admit = np.asarray(admit, dtype=bool)
