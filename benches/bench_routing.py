@@ -240,7 +240,7 @@ def main() -> None:
     vscope = np.array([r.scope for r in vrs])
     oscope = np.array([r.scope for r in ors])
 
-    def tune(v_in, v_oos):
+    def tune(v_in, v_oos, vok=vok):
         best, rec = float(v_in.min()), -1.0
         for thr in np.unique(np.r_[v_in, v_oos]):
             if (vok & (v_in >= thr)).mean() >= 0.95 and (v_oos < thr).mean() > rec:
@@ -265,6 +265,40 @@ def main() -> None:
     res["moedb hierarchical (beam 3 of 10 domains)"]["leaves_scored"] = float(
         np.mean([r.explanation["experts_scored"] for r in rs]))
     db.configure(beam=None, balance=True)
+    # the same experts plus one refusal expert holding the 100 oos_train queries (train data, not test)
+    p_ref = OUT / "bench_routing_clinc150_refuse.db"
+    if args.fresh and p_ref.exists():
+        p_ref.unlink()
+    t = time.perf_counter()
+    dbr = build_db(p_ref, data, table, groups, data["domain_of"])
+    if "out_of_scope" not in {e.name for e in dbr.experts()}:
+        dbr.add_expert("out_of_scope", data["oos_train"]["texts"], refuse=True,
+                       description="examples of queries none of the intents should answer")
+    dbr.route("warm up", log=False)
+    res["refusal_fit_or_load_s"] = time.perf_counter() - t
+    res["refusal_gate_figures"] = dbr.router_figures()
+    db_main, db = db, dbr  # (evaluate() and at() route through `db`)
+    evaluate("moedb + refusal expert (oos_train)")
+    names, _, _, abst, rs = route_table(db, te["texts"])
+    _, _, _, abst_oos, ors_t = route_table(db, oos["texts"])
+    res["calibrated_refusal"] = {
+        "threshold": res["refusal_gate_figures"]["scope_threshold"],
+        "acc_at_threshold": float(np.mean([a == b for a, b in zip(names, lab)])),
+        "refused_in_scope": float(abst.mean()), "oos_recall": float(abst_oos.mean()),
+        "oos_refused_by_expert": float(np.mean([r.refused_by is not None for r in ors_t]))}
+    vn, _, _, _, vrs = route_table(db, data["val"]["texts"], min_confidence=0.0)
+    _, _, _, _, ors = route_table(db, data["oos_val"]["texts"], min_confidence=0.0)
+    _, _, _, _, vrs_d = route_table(db, data["val"]["texts"])  # refusals by the refusal expert count on val too
+    _, _, _, _, ors_d = route_table(db, data["oos_val"]["texts"])
+    vok = np.array([a == b for a, b in zip(vn, data["val"]["labels"])]) & np.array([r.refused_by is None for r in vrs_d])
+    vscope = np.array([r.scope for r in vrs])
+    oscope = np.where([r.refused_by is not None for r in ors_d], -np.inf, [r.scope for r in ors])
+    thr_r = tune(vscope, oscope, vok)
+    db.configure(min_scope=thr_r)
+    res["val_tuned_scope_refusal"] = {"threshold": thr_r, **at()}
+    db.configure(min_scope=None)
+    db.close()
+    db = db_main
     # latency per query (embedding excluded: the lookup embedder costs microseconds)
     q = te["texts"][:300]
     res["moedb p50_ms (150 experts)"] = p50_ms(lambda x: db.route(x, top_k=2, k=0, log=False), q)
@@ -307,8 +341,12 @@ def report(res):
     print("\nabstention                                          threshold   in-scope acc   refused in-scope   oos recall")
     for label, key in (("moedb scope rule, calibrated on its documents (default)", "calibrated"),
                        ("moedb scope rule, min_scope tuned on val + oos_val", "val_tuned_scope"),
-                       ("moedb top-confidence rule tuned on val + oos_val", "val_tuned_threshold")):
-        c = res[key]
+                       ("moedb top-confidence rule tuned on val + oos_val", "val_tuned_threshold"),
+                       ("moedb + refusal expert (oos_train), calibrated", "calibrated_refusal"),
+                       ("moedb + refusal expert, min_scope tuned on val", "val_tuned_scope_refusal")):
+        c = res.get(key)
+        if c is None:
+            continue
         print(f"{label:<52} {c['threshold']:7.3f}   {pct(c['acc_at_threshold'])}"
               f"         {pct(c['refused_in_scope'])}           {pct(c['oos_recall'])}")
     if "acc_at_threshold" in sr:
