@@ -203,3 +203,41 @@ def test_refusal_expert_on_real_text_and_cli(db, db_path):
     assert "chitchat (refuses)" in r.stdout
     r = run_cli(["add-expert", "x", "--refuse", "--parent", "tires", "--text", "a"], db_path)
     assert r.returncode == 1 and "cannot have a parent" in r.stderr
+
+
+@pytest.mark.parametrize("mode", ["beam", "hnswlib"])
+def test_refusal_expert_is_scored_on_the_beam_and_hnswlib_paths(vdb, mode):
+    """Candidate search (a beam over the tree, or hnswlib over the centroids) must not drop the refusal
+    expert: it is the evidence against the others, so the decisions equal the exhaustive ones."""
+    rng = np.random.default_rng(21)
+    roots = unit(rng.normal(size=(3, D)))
+    for p in ("p0", "p1", "p2"):
+        vdb.add_expert(p)
+    centers = []
+    for k, r in enumerate(roots):
+        cs = unit(r + 0.5 * rng.normal(size=(4, D)) / np.sqrt(D) * 4)
+        fill(vdb, rng, [f"p{k}-{i}" for i in range(4)], n=30, parent=f"p{k}", centers=cs)
+        centers += list(cs)
+    oos_c = near_region(rng, np.array(centers), 5)
+    far_c = unit(-roots.sum(axis=0))  # a region no beam would enter
+    vdb.add_expert("off", [f"o{i}" for i in range(60)],
+                   vectors=np.concatenate([cluster(rng, oos_c, 30), cluster(rng, far_c, 30)]), refuse=True)
+    q = np.concatenate([cluster(rng, oos_c, 20), cluster(rng, far_c, 20),
+                        np.concatenate([cluster(rng, c, 3) for c in centers])])
+    vdb.configure(beam=0)
+    flat = vdb.route_many(list(q), top_k=1, k=0, log=False)
+    assert sum(r.refused_by == "off" for r in flat) >= 30
+    if mode == "beam":
+        vdb.configure(beam=1)
+    else:
+        vdb.configure(ann_min_centroids=1, ann_candidates=1)
+    other = vdb.route_many(list(q), top_k=1, k=0, log=False, explain=True)
+    assert [r.refused_by for r in other] == [r.refused_by for r in flat]
+    if mode == "beam":
+        assert max(r.explanation["experts_scored"] for r in other) < 16
+    else:
+        router = vdb._router()
+        assert router._ann is not None  # the candidates really came from hnswlib
+        # every query's candidates include the refusal expert, even when its centroids are not the nearest
+        cands = router.ann_candidates(np.concatenate([cluster(rng, c, 2) for c in centers]), 1)
+        assert all(router.col[vdb.store.expert_id("off")] in c for c in cands)
