@@ -90,6 +90,9 @@ def test_apply_refuses_bad_files_without_changes(db, spec_dir, tmp_path):
         ("oops.yaml", "name: x\ndocuments: [missing.md]\n", r"missing\.md: no such file"),
         ("oops.yaml", "- just\n- a list\n", r"must contain one mapping"),
         ("oops.yaml", "name: [unclosed\n", r"invalid YAML"),
+        ("oops.yaml", "name: x\nrefuse: yes please\n", r"refuse: must be true or false"),
+        ("oops.yaml", "name: x\nrefuse: true\nparent: databases\n", r"refusal expert cannot have a parent"),
+        ("oops.yaml", "name: databases\nrefuse: true\n", r"also defined"),
     ]
     for fname, text, msg in bad:
         _write(spec_dir, fname, text)
@@ -135,3 +138,22 @@ def test_cli_apply(db_path, spec_dir):
     assert r.returncode == 1 and "bad.yaml: generator.backend: unknown backend 'gpt'" in r.stderr
     with moedb.connect(db_path) as d:
         assert sorted(e.name for e in d.experts()) == ["databases", "sql"]
+
+
+def test_apply_refusal_experts(db, spec_dir):
+    _write(spec_dir, "docs/off.md", "Tell me a joke.\n\nWho won the game last night?\n")
+    _write(spec_dir, "off.yaml", "name: off-topic\nrefuse: true\ndocuments: [docs/off.md]\n")
+    rep = db.apply_dir(str(spec_dir))
+    assert "off-topic" in rep["created"] and db.expert("off-topic").refuse
+    assert not db.expert("databases").refuse
+    assert db.apply_dir(str(spec_dir))["updated"] == []  # idempotent, the role included
+    # a child may not hang under a refusal expert, whether it is in the file or in the plan
+    _write(spec_dir, "kid.yaml", "name: kid\nparent: off-topic\n")
+    with pytest.raises((ConfigError, FileProblem), match="refusal expert and cannot be a parent"):
+        db.apply_dir(str(spec_dir))
+    (spec_dir / "kid.yaml").unlink()
+    # turning the role off is an update of that field only
+    _write(spec_dir, "off.yaml", "name: off-topic\nrefuse: false\ndocuments: [docs/off.md]\n")
+    rep = db.apply_dir(str(spec_dir))
+    assert rep["updated"] == ["off-topic"] and rep["details"]["off-topic"]["fields"] == ["refuse"]
+    assert not db.expert("off-topic").refuse

@@ -28,7 +28,7 @@ from typing import Any, Optional
 from ..errors import ConfigError, FileProblem, InvalidInput
 
 KEYS = {"name", "description", "keywords", "parent", "metadata", "system_prompt", "generator", "documents",
-        "chunk_size"}
+        "chunk_size", "refuse"}
 
 
 @dataclass
@@ -139,6 +139,10 @@ def _spec_plan(db: Any, path: str, data: dict) -> tuple[ExpertPlan, Optional[lis
         if not isinstance(data["metadata"], dict):
             raise _err(path, "metadata: must be a mapping")
         want["metadata"] = data["metadata"]
+    if "refuse" in data:
+        if not isinstance(data["refuse"], bool):
+            raise _err(path, "refuse: must be true or false")
+        want["refuse"] = data["refuse"]
     if "parent" in data:
         if data["parent"] is not None and not isinstance(data["parent"], str):
             raise _err(path, "parent: must be an expert name")
@@ -203,7 +207,8 @@ def plan_dir(db: Any, folder: str) -> DirPlan:
     for p in plans:
         row = db._by_name.get(p.name)
         cur = ({} if row is None else {"description": row["description"], "keywords": row["keywords"],
-                                        "metadata": row["metadata"], "generator": row["generator"]})
+                                        "metadata": row["metadata"], "generator": row["generator"],
+                                        "refuse": bool(row.get("refuse"))})
         if row is None:
             p.action = "created"
         else:
@@ -215,6 +220,7 @@ def plan_dir(db: Any, folder: str) -> DirPlan:
                     db._check_parent(p.parent, child=p.name)
                 except InvalidInput as e:
                     raise _err(p.file, f"parent: {e}") from None
+        _check_refusal_role(db, p, row, plans)
         docs = docs_of[p.name]
         if docs is not None:
             old = {} if row is None else {d["id"]: d for d in db.documents(p.name)}
@@ -230,6 +236,22 @@ def plan_dir(db: Any, folder: str) -> DirPlan:
     return DirPlan(plans)
 
 
+def _check_refusal_role(db: Any, p: ExpertPlan, row: Optional[dict], plans: list[ExpertPlan]) -> None:
+    """A refusal expert has no parent and is nobody's parent (after the whole plan is applied)."""
+    refuse = p.fields.get("refuse", bool(row.get("refuse")) if row is not None else False)
+    parent = p.parent if p.parent is not ... else (row["parent"] if row is not None else None)
+    if refuse and parent is not None:
+        raise _err(p.file, "refuse: a refusal expert cannot have a parent")
+    if parent is not None:
+        planned = {q.name: q for q in plans}
+        q = planned.get(parent)
+        prow = db._by_name.get(parent)
+        parent_refuses = (q.fields.get("refuse") if q is not None and "refuse" in q.fields
+                          else bool(prow.get("refuse")) if prow is not None else False)
+        if parent_refuses:
+            raise _err(p.file, f"parent: {parent!r} is a refusal expert and cannot be a parent")
+
+
 def apply_plan(db: Any, plan: DirPlan) -> None:
     """Write a plan in one transaction (all files or none)."""
     todo = [p for p in plan.experts if p.action != "unchanged"]
@@ -242,10 +264,12 @@ def apply_plan(db: Any, plan: DirPlan) -> None:
                 f = p.fields
                 eid = db.store.insert_expert(p.name, f.get("description", ""), f.get("keywords", []),
                                              None if parent_id is ... else parent_id, f.get("metadata", {}),
-                                             f.get("generator"))
+                                             f.get("generator"), bool(f.get("refuse", False)))
             else:
                 eid = db.store.expert_id(p.name)
                 fields = dict(p.fields)
+                if "refuse" in fields:
+                    fields["refuse"] = int(fields["refuse"])
                 if parent_id is not ...:
                     fields["parent_id"] = parent_id
                 db.store.update_expert(eid, **fields)
