@@ -1,4 +1,5 @@
-"""Build five experts from the sample text in examples/data and route a few questions.
+"""Build five experts from the sample text in examples/data, say by example what is out of scope
+(a refusal expert), and route a few questions.
 
 Run:  python examples/quickstart.py  [--db PATH]   (default: a fresh temporary file)
 """
@@ -20,6 +21,11 @@ EXPERTS = {
     "gardening": ("Soil, watering and garden pests", ["soil", "compost", "aphids"]),
 }
 
+# examples of questions none of the experts should answer: a refusal expert
+OFF_TOPIC = ["Tell me a joke", "Who won the football match last night?", "What is the weather tomorrow?",
+             "Translate thank you into Spanish", "What time is it in Tokyo?", "Recommend a good movie",
+             "How tall is the Eiffel tower?", "What is the population of Canada?"]
+
 QUESTIONS = [
     "How do I fix a JWT auth bug where the signature is invalid?",
     "Why does my sqlite database say it is locked?",
@@ -27,6 +33,7 @@ QUESTIONS = [
     "Which planet has the biggest storm?",
     "How often should I water tomatoes?",
     "What is the capital of Australia?",
+    "Who is playing in the football final?",
 ]
 
 
@@ -41,13 +48,18 @@ def main() -> None:
                 continue
             db.add_expert(name, description=description, keywords=keywords)
             db.add_files(name, [os.path.join(HERE, "data", name)], chunk_size=200)
+        if "off-topic" not in {e.name for e in db.experts()}:
+            db.add_expert("off-topic", OFF_TOPIC, refuse=True, description="out of scope, by example")
         print(f"database: {path}")
         for e in db.experts():
-            print(f"  expert {e.name:<10} {e.size:>3} passages  ({e.description})")
+            role = "refuses" if e.refuse else "passages"
+            print(f"  expert {e.name:<10} {e.size:>3} {role:<8}  ({e.description})")
         for q in QUESTIONS:
             r = db.route(q, top_k=2, k=2)
             print(f"\nQ: {q}")
-            if r.abstained:
+            if r.refused_by:
+                print(f"   -> refused: looks like the examples in {r.refused_by!r} (abstained)")
+            elif r.abstained:
                 print(f"   -> looks like none of the experts (abstained; scope {r.scope:.2f})")
             for e in r.experts:
                 print(f"   expert {e.name:<10} confidence {e.confidence:.2f}  score {e.score:.3f}")
