@@ -116,7 +116,9 @@ class RoutingMixin:
         """Refit the gate from the experts' documents and the feedback, persist it; returns fit figures.
 
         Figures: ``experts``, ``documents``, ``feedback``, held-out ``heldout_accuracy``, ``heldout_ece``,
-        ``heldout_refused``, the mix weights, the calibrated ``threshold``, ``centroids``.
+        ``heldout_refused``, the mix weights, the calibrated ``threshold`` and ``scope_threshold``,
+        ``centroids``; with refusal experts also ``refusal_heldout`` (their held-out examples) and
+        ``refusal_heldout_refused`` (the share of those the router refuses).
         """
         self._refresh()
         routable = [r for r in self._experts if r["size"] > 0]
