@@ -203,7 +203,7 @@ def show(ctx: typer.Context, name: str, docs: int = typer.Option(5, "--docs", he
     if json_out:
         emit_json({**e.to_dict(), "documents": sample})
         return
-    typer.echo(f"{e.name}  ({e.size} documents)")
+    typer.echo(f"{e.name}  ({e.size} documents{'; a refusal expert: routes that match it abstain' if e.refuse else ''})")
     for label, value in (("description", e.description), ("keywords", ", ".join(e.keywords)),
                          ("parent", e.parent or ""), ("metadata", json.dumps(e.metadata) if e.metadata else "")):
         if value:

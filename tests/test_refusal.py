@@ -201,6 +201,10 @@ def test_refusal_expert_on_real_text_and_cli(db, db_path):
     assert r.returncode == 0 and "refusal expert" in r.stdout, r.stderr
     r = run_cli(["list"], db_path)
     assert "chitchat (refuses)" in r.stdout
+    r = run_cli(["show", "chitchat"], db_path)
+    assert "a refusal expert" in r.stdout
+    r = run_cli(["show", "chitchat", "--json"], db_path)
+    assert json.loads(r.stdout)["refuse"] is True
     r = run_cli(["add-expert", "x", "--refuse", "--parent", "tires", "--text", "a"], db_path)
     assert r.returncode == 1 and "cannot have a parent" in r.stderr
 
