@@ -213,7 +213,7 @@ def main() -> None:
     dom = data["domain_of"]
     res: dict[str, Any] = {"gate_figures": figs, "fit_or_load_s": fit_s}
 
-    def evaluate(tag, **kw):
+    def evaluate(db, tag, **kw):
         names, top2, conf, _, rs = route_table(db, te["texts"], min_confidence=0.0, **kw)
         ok = np.array([a == b for a, b in zip(names, lab)])
         r = {"acc": float(ok.mean()), "top2": float(np.mean([y in t for t, y in zip(top2, lab)])),
@@ -221,47 +221,55 @@ def main() -> None:
         res[tag] = r
         return r, rs
 
-    db.configure(balance=False, beam=0)
-    flat, _ = evaluate("moedb flat, no balancing")
-    db.configure(balance=True)
-    bal, _ = evaluate("moedb flat, balancing on (default)")
-    # the calibrated scope threshold (default) on in-scope and out-of-scope test queries
-    names, _, _, abst, _ = route_table(db, te["texts"])
-    res["calibrated"] = {"threshold": figs["scope_threshold"],
-                         "acc_at_threshold": float(np.mean([a == b for a, b in zip(names, lab)])),
-                         "refused_in_scope": float(abst.mean())}
-    _, _, _, abst_oos, _ = route_table(db, oos["texts"])
-    res["calibrated"]["oos_recall"] = float(abst_oos.mean())
-    # thresholds tuned on val + oos_val instead (best oos recall keeping val accuracy >= 95%):
-    # on the scope score (min_scope) and, for comparison, on the top confidence (min_confidence)
-    vn, _, vconf, _, vrs = route_table(db, data["val"]["texts"], min_confidence=0.0)
-    _, _, oconf, _, ors = route_table(db, data["oos_val"]["texts"], min_confidence=0.0)
-    vok = np.array([a == b for a, b in zip(vn, data["val"]["labels"])])
-    vscope = np.array([r.scope for r in vrs])
-    oscope = np.array([r.scope for r in ors])
+    def at(db, **kw):
+        """In-scope accuracy, refusals and oos recall on test under the database's current rule."""
+        names, _, _, abst, _ = route_table(db, te["texts"], **kw)
+        _, _, _, abst_oos, ors = route_table(db, oos["texts"], **kw)
+        return {"acc_at_threshold": float(np.mean([a == b for a, b in zip(names, lab)])),
+                "refused_in_scope": float(abst.mean()), "oos_recall": float(abst_oos.mean()),
+                "oos_refused_by_expert": float(np.mean([r.refused_by is not None for r in ors]))}
 
-    def tune(v_in, v_oos, vok=vok):
-        best, rec = float(v_in.min()), -1.0
+    def val_scores(db):
+        """Val and oos_val under the scope rule without a scope threshold: whether each in-scope query is
+        routed right, the scopes (-inf when a refusal expert refuses it, whatever the threshold) and the
+        top confidences."""
+        db.configure(min_scope=-1e9)
+        vn, _, vconf, _, vrs = route_table(db, data["val"]["texts"])
+        _, _, oconf, _, ors = route_table(db, data["oos_val"]["texts"])
+        db.configure(min_scope=None)
+        vok = np.array([a == b for a, b in zip(vn, data["val"]["labels"])])
+        scopes = lambda rs: np.array([-np.inf if r.refused_by else r.scope for r in rs])  # noqa: E731
+        return vok, scopes(vrs), scopes(ors), vconf, oconf
+
+    def tune(v_in, v_oos, vok):
+        """The threshold with the best oos_val recall that keeps val accuracy >= 95%."""
+        best, rec = float(v_in[np.isfinite(v_in)].min()), -1.0
         for thr in np.unique(np.r_[v_in, v_oos]):
             if (vok & (v_in >= thr)).mean() >= 0.95 and (v_oos < thr).mean() > rec:
                 best, rec = float(thr), float((v_oos < thr).mean())
         return best
 
-    def at(**kw):
-        names, _, _, abst, _ = route_table(db, te["texts"], **kw)
-        _, _, _, abst_oos, _ = route_table(db, oos["texts"], **kw)
-        return {"acc_at_threshold": float(np.mean([a == b for a, b in zip(names, lab)])),
-                "refused_in_scope": float(abst.mean()), "oos_recall": float(abst_oos.mean())}
+    def abstention(db, calibrated_key, tuned_key):
+        """The calibrated scope threshold (default), then min_scope tuned on val + oos_val, on test."""
+        res[calibrated_key] = {"threshold": db.router_figures()["scope_threshold"], **at(db)}
+        vok, vscope, oscope, vconf, oconf = val_scores(db)
+        thr = tune(vscope, oscope, vok)
+        db.configure(min_scope=thr)
+        res[tuned_key] = {"threshold": thr, **at(db)}
+        db.configure(min_scope=None)
+        return vok, vconf, oconf
 
-    thr_s = tune(vscope, oscope)
-    db.configure(min_scope=thr_s)
-    res["val_tuned_scope"] = {"threshold": thr_s, **at()}
-    db.configure(min_scope=None)
-    thr_c = tune(vconf, oconf)
-    res["val_tuned_threshold"] = {"threshold": thr_c, **at(min_confidence=thr_c)}
+    db.configure(balance=False, beam=0)
+    evaluate(db, "moedb flat, no balancing")
+    db.configure(balance=True)
+    evaluate(db, "moedb flat, balancing on (default)")
+    vok, vconf, oconf = abstention(db, "calibrated", "val_tuned_scope")
+    # for comparison, a threshold on the top confidence (min_confidence) tuned on val + oos_val
+    thr_c = tune(vconf, oconf, vok)
+    res["val_tuned_threshold"] = {"threshold": thr_c, **at(db, min_confidence=thr_c)}
     # hierarchy: a beam over the 10 domains
     db.configure(beam=3, balance=False)
-    _, rs = evaluate("moedb hierarchical (beam 3 of 10 domains)", explain=True)
+    _, rs = evaluate(db, "moedb hierarchical (beam 3 of 10 domains)", explain=True)
     res["moedb hierarchical (beam 3 of 10 domains)"]["leaves_scored"] = float(
         np.mean([r.explanation["experts_scored"] for r in rs]))
     db.configure(beam=None, balance=True)
@@ -277,28 +285,9 @@ def main() -> None:
     dbr.route("warm up", log=False)
     res["refusal_fit_or_load_s"] = time.perf_counter() - t
     res["refusal_gate_figures"] = dbr.router_figures()
-    db_main, db = db, dbr  # (evaluate() and at() route through `db`)
-    evaluate("moedb + refusal expert (oos_train)")
-    names, _, _, abst, rs = route_table(db, te["texts"])
-    _, _, _, abst_oos, ors_t = route_table(db, oos["texts"])
-    res["calibrated_refusal"] = {
-        "threshold": res["refusal_gate_figures"]["scope_threshold"],
-        "acc_at_threshold": float(np.mean([a == b for a, b in zip(names, lab)])),
-        "refused_in_scope": float(abst.mean()), "oos_recall": float(abst_oos.mean()),
-        "oos_refused_by_expert": float(np.mean([r.refused_by is not None for r in ors_t]))}
-    vn, _, _, _, vrs = route_table(db, data["val"]["texts"], min_confidence=0.0)
-    _, _, _, _, ors = route_table(db, data["oos_val"]["texts"], min_confidence=0.0)
-    _, _, _, _, vrs_d = route_table(db, data["val"]["texts"])  # refusals by the refusal expert count on val too
-    _, _, _, _, ors_d = route_table(db, data["oos_val"]["texts"])
-    vok = np.array([a == b for a, b in zip(vn, data["val"]["labels"])]) & np.array([r.refused_by is None for r in vrs_d])
-    vscope = np.array([r.scope for r in vrs])
-    oscope = np.where([r.refused_by is not None for r in ors_d], -np.inf, [r.scope for r in ors])
-    thr_r = tune(vscope, oscope, vok)
-    db.configure(min_scope=thr_r)
-    res["val_tuned_scope_refusal"] = {"threshold": thr_r, **at()}
-    db.configure(min_scope=None)
-    db.close()
-    db = db_main
+    evaluate(dbr, "moedb + refusal expert (oos_train)")
+    abstention(dbr, "calibrated_refusal", "val_tuned_scope_refusal")
+    dbr.close()
     # latency per query (embedding excluded: the lookup embedder costs microseconds)
     q = te["texts"][:300]
     res["moedb p50_ms (150 experts)"] = p50_ms(lambda x: db.route(x, top_k=2, k=0, log=False), q)
