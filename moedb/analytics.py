@@ -167,7 +167,8 @@ class AnalyticsMixin:
         sel = st.selections_by_expert(lo, hi) if n else {}
         overall_lat, lat = st.latency_percentiles(lo, hi, n)
         fb = st.feedback_by_expert(lo, hi)
-        ids = [r["id"] for r in self._experts if (r["size"] > 0 and not r.get("refuse")) or r["id"] in top]
+        answering = {r["id"] for r in self._answering()}
+        ids = [r["id"] for r in self._experts if r["id"] in answering or r["id"] in top]
         ids += [i for i in top if i not in names]        # experts removed since (the log keeps their id)
         routed = n - summary["abstained"]
         rows = []

@@ -282,10 +282,12 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
         """Change an expert's description, keywords, parent (``None`` detaches), metadata or refusal role."""
         row = self._require(name)
         fields: dict[str, Any] = {}
+        if refuse is not None or parent is not ...:  # the role and the parent as they will be
+            will_refuse = _check_refuse(row["refuse"] if refuse is None else refuse,
+                                        row["parent"] if parent is ... else parent)
         if refuse is not None:
-            new_parent = row["parent"] if parent is ... else parent
-            fields["refuse"] = int(_check_refuse(refuse, new_parent))
-            if fields["refuse"] and self.store.children(row["id"]):
+            fields["refuse"] = int(will_refuse)
+            if will_refuse and self.store.children(row["id"]):
                 raise InvalidInput(f"{name!r} has children: a refusal expert cannot be a parent")
         if description is not None:
             fields["description"] = description
@@ -294,8 +296,6 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
         if metadata is not None:
             fields["metadata"] = metadata
         if parent is not ...:
-            if parent is not None and (row.get("refuse") if refuse is None else refuse):
-                raise InvalidInput("a refusal expert cannot have a parent (it is not part of the tree)")
             fields["parent_id"] = self._check_parent(parent, child=name)
         self.store.update_expert(row["id"], **fields)
         self._touch()

@@ -323,7 +323,7 @@ class LifecycleMixin(FeedbackMixin):
         [{"action", ..., "reason", "evidence"}], "applied", "results"}``.
         """
         self._refresh()
-        leaves = [r for r in self._experts if r["size"] > 0 and not r.get("refuse")]
+        leaves = self._answering()
         proposals: list[dict[str, Any]] = []
         load = self.store.load_by_expert(None, None)
         tops = {r["id"]: int(load.get(r["id"], {}).get("top", 0)) for r in leaves}

@@ -46,6 +46,10 @@ class RoutingMixin:
         Q = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, self.dim), np.float32)
         return [t if t is not None else "<vector>" for t in texts], Q
 
+    def _answering(self) -> list[dict]:
+        """The experts that answer queries: with documents, not refusal experts (creation order)."""
+        return [r for r in self._experts if r["size"] > 0 and not r.get("refuse")]
+
     def _router(self):
         """The fitted router over the routable experts (documents > 0), loaded or refitted lazily.
 
@@ -387,7 +391,7 @@ class RoutingMixin:
         ``max_over_mean`` of the load across routable experts."""
         self._refresh()
         rows = self.store.balance_rows()
-        routable = [r for r in self._experts if r["size"] > 0 and not r.get("refuse")]
+        routable = self._answering()
         load = np.array([rows.get(r["id"], (0, 0))[1] for r in routable], dtype=np.float64)
         fig = load_figures(load)
         total = fig["total"] or 1.0
@@ -427,5 +431,5 @@ class RoutingMixin:
             raise InvalidInput(f"k must be an integer >= 1, got {k!r}")
         _, Q = self._query_vectors([query])
         rows = [self._require(n) for n in experts] if experts is not None else \
-            [r for r in self._experts if r["size"] > 0 and not r.get("refuse")]
+            self._answering()
         return self._hits(self._retrieve(Q[0], rows, k, exact=True))

@@ -238,10 +238,14 @@ def plan_dir(db: Any, folder: str) -> DirPlan:
 
 def _check_refusal_role(db: Any, p: ExpertPlan, row: Optional[dict], plans: list[ExpertPlan]) -> None:
     """A refusal expert has no parent and is nobody's parent (after the whole plan is applied)."""
+    from ..database import _check_refuse
+
     refuse = p.fields.get("refuse", bool(row.get("refuse")) if row is not None else False)
     parent = p.parent if p.parent is not ... else (row["parent"] if row is not None else None)
-    if refuse and parent is not None:
-        raise _err(p.file, "refuse: a refusal expert cannot have a parent")
+    try:
+        _check_refuse(refuse, parent)
+    except InvalidInput as e:
+        raise _err(p.file, f"refuse: {e}") from None
     if parent is not None:
         planned = {q.name: q for q in plans}
         q = planned.get(parent)

@@ -42,6 +42,7 @@ class Router:
         self._ann = None
         # refusal experts: gate classes that are never selected (a best match there abstains)
         self.refuse_cols = np.flatnonzero([bool(r.get("refuse")) for r in rows]).astype(np.int64)
+        self.answering = {r["id"] for r in rows if not r.get("refuse")}  # the beam's leaves
         self.seen: tuple = ()  # (expert list, settings dict) objects this router was last checked against
 
     @staticmethod
@@ -98,7 +99,7 @@ class Router:
         """Centroids of every tree node, derived from its routable descendants (cached)."""
         if self._nodes is None:
             g = self.gate
-            leaf = {r["id"]: g.centroids_[g.owner_ == j] for j, r in enumerate(self.rows) if not r.get("refuse")}
+            leaf = {r["id"]: g.centroids_[g.owner_ == j] for j, r in enumerate(self.rows) if r["id"] in self.answering}
             self._nodes = node_centroids(self.tree, leaf)
         return self._nodes
 
@@ -109,8 +110,7 @@ class Router:
         def score(ids):
             return np.array([float((nodes[i] @ q).max()) if i in nodes else -np.inf for i in ids])
 
-        answering = {i for i, j in self.col.items() if not self.rows[j].get("refuse")}
-        cands, scored = beam_candidates(self.tree, score, answering, width)
+        cands, scored = beam_candidates(self.tree, score, self.answering, width)
         # refusal experts are always scored: they are the evidence against every other expert
         cols = np.union1d(np.array([self.col[i] for i in cands], dtype=np.int64), self.refuse_cols)
         return cols.astype(np.int64), len(scored)

@@ -8,17 +8,18 @@ Abstention uses a *scope* score rather than the top confidence (a softmax is con
 anything far from every expert as long as one expert is less far):
 ``scope = (max centroid cosine - mu_c) / sd_c + (logsumexp(gate logits) - mu_g) / sd_g``, standardised
 on the held-out documents. Its threshold ``scope_threshold_`` is the ``refuse_rate`` quantile of the
-held-out scopes, so about that share of in-scope queries is refused.
+held-out scopes, so about that share of in-scope queries is refused. On CLINC150 val, with the same
+refusal of in-scope queries, it catches far more out-of-scope queries than the top confidence does
+(AUROC 0.987 vs 0.958). ``threshold_`` (the same quantile of held-out top-1 confidences) stays the
+floor for the second and later experts of a route. Then every signal is refitted on all documents.
+
 *Refusal experts* (``refuse[e]``) hold examples of queries no expert should answer. They are classes
 of the gate like any other, but the scope is taken over the other experts only and lowered by
 ``refuse_weight * (logsumexp(z[refusal]) - logsumexp(z[others]))``; a query whose best class is a
 refusal expert is refused too, and the scope threshold is set so that both together refuse about
 ``refuse_rate`` of the held-out in-scope documents. (On CLINC150 val, 100 out-of-scope examples
 as a refusal expert raised the AUROC of the scope from 0.987 to 0.991; ``refuse_weight`` 0.5 was
-the best of 0.25/0.5/1/2 there.) On CLINC150 val, with the same
-refusal of in-scope queries, it catches far more out-of-scope queries than the top confidence does
-(AUROC 0.987 vs 0.958). ``threshold_`` (the same quantile of held-out top-1 confidences) stays the
-floor for the second and later experts of a route. Then every signal is refitted on all documents.
+the best of 0.25/0.5/1/2 there.)
 
 Fitting imports SciPy; applying a fitted gate is NumPy only, and its state is plain arrays.
 """
@@ -128,7 +129,7 @@ class HybridGate:
         held_F: list[list[np.ndarray]] = [[], [], []]
         held_y: list[np.ndarray] = []
         held_scope: list[np.ndarray] = []  # (n, 2): max centroid cosine, logsumexp of the gate's logits
-        # (both over the experts that answer, not the refusal experts: see _scope)
+        # (both over the experts that answer, not the refusal experts: see score)
         fold_gates: list[tuple[np.ndarray, np.ndarray]] = []
         fbh_F: list[list[np.ndarray]] = [[], [], []]
         fbh_y: list[np.ndarray] = []
@@ -175,8 +176,9 @@ class HybridGate:
             inside = ~R[y]  # held-out documents of experts that answer (the in-scope examples)
             by_refusal = R[pred]  # best class is a refusal expert: refused whatever the scope
             top = P[:, ~R].max(axis=1)
+            n_in = int(inside.sum())
             # too few held-out examples say nothing reliable about a refusal rate: then never abstain
-            reliable = int(inside.sum()) >= self.min_heldout
+            reliable = n_in >= self.min_heldout
             self.threshold_ = abstain_threshold(top[inside], self.refuse_rate) if reliable else 0.0
             H = np.concatenate(held_scope).astype(np.float64)
             sd = H[inside].std(axis=0)
@@ -186,7 +188,6 @@ class HybridGate:
             # the scope threshold refuses what the refusal experts do not already refuse, so that together
             # they refuse about refuse_rate of the in-scope documents
             # (the scope can be negative: "never abstain" is -inf here, not abstain_threshold's 0.0)
-            n_in = int(inside.sum())
             rest = inside & ~by_refusal
             rate = (self.refuse_rate * n_in - int((inside & by_refusal).sum())) / max(int(rest.sum()), 1)
             self.scope_threshold_ = abstain_threshold(s_held[rest], rate) \
