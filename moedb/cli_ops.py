@@ -228,3 +228,56 @@ def _print_stats(s: dict) -> None:
         for b in lot["buckets"]:
             when = dt.datetime.fromtimestamp(b["start"]).strftime("%Y-%m-%d %H:%M:%S")
             typer.echo(f"  {when}  {bar(b['queries'] / peak, 30)} {b['queries']}")
+
+
+class _StageBar:
+    """``progress(stage, done, total)`` for tune_embedder: one transient bar per stage."""
+
+    def __init__(self):
+        self.stage = None
+        self.bar = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = progress_bar(stage).__enter__()
+        self.bar(done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@app.command("tune-embedder")
+def tune_embedder(ctx: typer.Context,
+                  out: Optional[str] = typer.Option(None, "--out", help="Folder for the tuned model (new; default "
+                                                    "<file>.embedders/<name> beside the file)."),
+                  epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the documents "
+                                                       "(default 3, more for a small file)."),
+                  lr: float = typer.Option(5e-5, "--lr", help="Learning rate of the encoder."),
+                  batch_size: int = typer.Option(32, "--batch-size", help="Documents per step."),
+                  holdout: float = typer.Option(0.1, "--holdout", help="Share of each expert's documents kept "
+                                                "out of training (they calibrate the gate)."),
+                  seed: int = typer.Option(0, "--seed", help="Seed of the split and the training order."),
+                  json_out: bool = JSON_OPT) -> None:
+    """Fine-tune the file's embedder on its experts' documents and re-embed the file with it."""
+    pb = _StageBar()
+    try:
+        with open_db(ctx) as db:
+            out_ = db.tune_embedder(out, epochs=epochs, lr=lr, batch_size=batch_size, holdout=holdout, seed=seed,
+                                    progress=pb)
+    finally:
+        pb.close()
+    if json_out:
+        emit_json(out_)
+        return
+    b, a = out_["holdout_accuracy_before"], out_["holdout_accuracy_after"]
+    typer.echo(f"tuned {out_['name']} on {out_['trained']} documents of {out_['experts']} experts "
+               f"({out_['epochs']} epochs, {out_['train_seconds']:.0f} s); model in {out_['model']}")
+    if a is not None:
+        typer.echo(f"held-out documents ({out_['held_out']}), nearest centroid: {b:.1%} before, {a:.1%} after")
+    typer.echo(f"re-embedded {out_['documents']} documents and {out_['feedback']} feedback queries"
+               + (f"; {out_['feedback_dropped']} feedback events without query text lost their vectors"
+                  if out_["feedback_dropped"] else ""))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -17,6 +18,7 @@ from .analytics import AnalyticsMixin
 from .ask import AskMixin
 from .lifecycle import LifecycleMixin
 from .routed import RoutingMixin
+from .tune import TuneMixin
 from .types import Expert
 from .vectors import as_matrix, normalize
 
@@ -60,8 +62,8 @@ def _embedder_record(emb) -> dict[str, Any]:
         kind, model = "vectors", None
     elif isinstance(emb, SentenceTransformerEmbedder):
         kind, model = "sentence-transformers", emb.model
-    elif getattr(emb, "kind", None) == "onnx-minilm":
-        kind, model = "sentence-transformers", None
+    elif getattr(emb, "kind", None) in ("onnx-minilm", "onnx"):
+        kind, model = "sentence-transformers", getattr(emb, "model_path", None)
     else:
         kind, model = "callable", None
     return {"name": emb.name, "dim": int(emb.dim), "kind": kind, "model": model}
@@ -83,7 +85,7 @@ def _check_refuse(refuse: Any, parent: Optional[str]) -> bool:
     return bool(refuse)
 
 
-class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
+class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin):
     """An open moedb file. Create with :func:`moedb.connect`."""
 
     def __init__(self, path: str = "moedb.db", embedder: Any = None, *, log_queries: Optional[bool] = None,
@@ -111,11 +113,12 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
     # ------------------------------------------------------------------ setup
     def _open_embedder(self, embedder: Any):
         rec = self.store.get_meta("embedder")
+        self._embedder_given = embedder is not None
         if embedder is None and rec is not None:
             if rec["kind"] == "vectors":
                 emb = VectorsOnly(rec["dim"], rec["name"])
             elif rec["kind"] == "sentence-transformers":
-                emb = resolve(rec["model"]) if rec["model"] else resolve(None)
+                emb = resolve(self._checked_model(rec)) if rec["model"] else resolve(None)
             else:
                 raise EmbedderMismatch(
                     f"{self.path!r} was built with the custom embedder {rec['name']!r} (dimension {rec['dim']}); "
@@ -129,7 +132,37 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
             raise EmbedderMismatch(
                 f"{self.path!r} was built with embedder {rec['name']!r} (dimension {rec['dim']}), "
                 f"not {new['name']!r} (dimension {new['dim']})")
+        self._embedder_meta = rec if rec is not None else new
         return emb
+
+    def _model_path(self, rec: dict[str, Any]) -> Path:
+        """The model folder a record names (tuned folders are recorded relative to the file)."""
+        p = Path(rec["model"])
+        return Path(os.path.abspath(self.path)).parent / p if rec.get("relative_to_file") else p
+
+    def _checked_model(self, rec: dict[str, Any]) -> str:
+        """The recorded model folder, checked against its fingerprint when the file has one (tuned models)."""
+        folder = self._model_path(rec)
+        if rec.get("fingerprint"):
+            from .embed_onnx import cache_dir, model_fingerprint
+
+            if not folder.is_dir():
+                raise ConfigError(f"{self.path!r} was embedded with the tuned model {str(folder)!r}, which is "
+                                  "missing; restore that folder (it travels with the file) or rebuild the file")
+            if model_fingerprint(folder, cache_dir()) != rec["fingerprint"]:
+                raise EmbedderMismatch(f"the tuned model {str(folder)!r} has changed since {self.path!r} was "
+                                       "embedded with it")
+        return str(folder)
+
+    def _switch_embedder(self, emb: Any, record: dict[str, Any]) -> None:
+        """Use ``emb`` from now on (the file now records ``record``); every cached vector is stale."""
+        self.embedder = emb
+        self._embedder_meta = record
+        self._doc_cache = {}
+        self._all_cache = None
+        self._router_cache = None
+        self._ann_docs = {}
+        self._dirty = True
 
     @property
     def dim(self) -> int:
@@ -179,6 +212,13 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin):
         dv = self.store.data_version()
         if not self._dirty and dv == self._dv:
             return
+        if dv != self._dv:
+            rec = self.store.get_meta("embedder")
+            if rec != self._embedder_meta:  # another process re-embedded the file (tune_embedder)
+                if self._embedder_given:
+                    raise EmbedderMismatch(f"{self.path!r} was re-embedded with {rec.get('name')!r} by another "
+                                           f"process; reconnect (this connection embeds with {self.embedder.name!r})")
+                self._switch_embedder(self._open_embedder(None), rec)
         rows = self.store.expert_rows()
         for r in rows:
             r["centroid"] = (r["vec_sum"] / r["size"]).astype(np.float32) if r["size"] else None

@@ -265,3 +265,57 @@ class LifecycleSQL:
             "SELECT a.expert_id, b.expert_id, count(*) FROM query_choices a JOIN query_choices b "
             "ON b.query_id = a.query_id AND b.rank = 1 WHERE a.rank = 0 AND b.confidence >= ? * a.confidence "
             "GROUP BY a.expert_id, b.expert_id", (float(ratio),))
+
+    # ------------------------------------------------------------------ a new embedder for the whole file
+    def texts_to_embed(self) -> tuple[list[tuple[int, int, str]], list[tuple[int, str]]]:
+        """``([(rowid, expert_id, text)] of every document, [(feedback id, query)] of feedback with text)``."""
+        docs = [(r[0], r[1], r[2]) for r in self.q("SELECT id, expert_id, text FROM documents ORDER BY id")]
+        fb = [(r[0], r[1]) for r in self.q(
+            "SELECT id, query FROM feedback WHERE query IS NOT NULL AND query != '' ORDER BY id")]
+        return docs, fb
+
+    def document_vectors(self, rowids: Sequence[int], dim: int) -> np.ndarray:
+        """The stored vectors ``(len(rowids), dim)`` float32 of these documents, in that order."""
+        out = np.zeros((len(rowids), dim), dtype=np.float32)
+        pos = {int(r): i for i, r in enumerate(rowids)}
+        for rid, emb in self.q("SELECT id, embedding FROM documents"):
+            i = pos.get(rid)
+            if i is not None:
+                out[i] = np.frombuffer(emb, dtype=F4)
+        return out
+
+    def replace_embeddings(self, doc_vecs: dict[int, bytes], tuned: set[int], fb_vecs: dict[int, bytes],
+                           record: dict[str, Any], embed: Any) -> dict[str, int]:
+        """Switch the whole file to a new embedder in one transaction.
+
+        ``doc_vecs`` / ``fb_vecs``: new ``<f4`` bytes by document row id / feedback id, computed before
+        the transaction; rows added since then are embedded here with ``embed(texts) -> (n, d)``.
+        ``tuned``: row ids of the documents that trained the embedder (``documents.tuned = 1``).
+        Every expert's sum is recomputed (its version moves, so gates and indexes refit), feedback
+        without query text loses its vector (it cannot be re-embedded), the query log's vectors are
+        cleared, fitted routing state is dropped, and ``record`` becomes the file's embedder.
+        """
+        with self.atomic():
+            docs, fb = self.texts_to_embed()
+            late = [(rid, t) for rid, _, t in docs if rid not in doc_vecs]
+            late_fb = [(fid, t) for fid, t in fb if fid not in fb_vecs]
+            if late or late_fb:
+                v = np.asarray(embed([t for _, t in late] + [t for _, t in late_fb]), dtype=F4)
+                doc_vecs = {**doc_vecs, **{rid: v[i].tobytes() for i, (rid, _) in enumerate(late)}}
+                fb_vecs = {**fb_vecs, **{fid: v[len(late) + i].tobytes() for i, (fid, _) in enumerate(late_fb)}}
+            self.conn.executemany("UPDATE documents SET embedding=?, tuned=? WHERE id=?",
+                                  [(doc_vecs[rid], int(rid in tuned), rid) for rid, _, _ in docs])
+            for (eid,) in self.q("SELECT id FROM experts"):
+                self.recompute_sum(eid)
+            have = {fid for fid, _ in fb}
+            dropped = self.q1("SELECT COUNT(*) FROM feedback WHERE query_vec IS NOT NULL AND "
+                              "(query IS NULL OR query = '')")[0]
+            self.conn.execute("UPDATE feedback SET query_vec=NULL WHERE query IS NULL OR query = ''")
+            self.conn.executemany("UPDATE feedback SET query_vec=? WHERE id=?",
+                                  [(fb_vecs[fid], fid) for fid in have])
+            cleared = self.q1("SELECT COUNT(*) FROM query_log WHERE query_vec IS NOT NULL")[0]
+            self.conn.execute("UPDATE query_log SET query_vec=NULL WHERE query_vec IS NOT NULL")
+            self.conn.execute("DELETE FROM routing_state")
+            self.set_meta("embedder", record)
+        return {"documents": len(docs), "embedded_late": len(late) + len(late_fb), "feedback": len(have),
+                "feedback_dropped": int(dropped), "log_vectors_cleared": int(cleared)}

@@ -78,20 +78,23 @@ class RoutingSQL:
                 self.conn.execute("UPDATE routing_balance SET load=0, expected=0, window_count=0")
 
     # ------------------------------------------------------------------ training data
-    def routing_documents(self, expert_ids: Sequence[int]) -> dict[int, tuple[list[int], list[str], bytes]]:
-        """``{expert_id: (rowids, texts, concatenated <f4 embeddings)}`` for fitting the gate."""
-        out: dict[int, tuple[list[int], list[str], list[bytes]]] = {int(i): ([], [], []) for i in expert_ids}
+    def routing_documents(self, expert_ids: Sequence[int]
+                          ) -> dict[int, tuple[list[int], list[str], bytes, list[int]]]:
+        """``{expert_id: (rowids, texts, concatenated <f4 embeddings, tuned flags)}`` for fitting the gate."""
+        out: dict[int, tuple[list[int], list[str], list[bytes], list[int]]] = {
+            int(i): ([], [], [], []) for i in expert_ids}
         if not out:
             return {}
         ids = list(out)
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for rid, eid, text, emb in self.q(
-                    f"SELECT id, expert_id, text, embedding FROM documents WHERE expert_id IN ({marks}) ORDER BY id",
-                    chunk):
+            for rid, eid, text, emb, tuned in self.q(
+                    f"SELECT id, expert_id, text, embedding, tuned FROM documents WHERE expert_id IN ({marks}) "
+                    "ORDER BY id", chunk):
                 o = out[eid]
                 o[0].append(rid)
                 o[1].append(text)
                 o[2].append(emb)
-        return {i: (a, b, b"".join(c)) for i, (a, b, c) in out.items()}
+                o[3].append(tuned)
+        return {i: (a, b, b"".join(c), t) for i, (a, b, c, t) in out.items()}

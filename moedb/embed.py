@@ -71,7 +71,9 @@ class SentenceTransformerEmbedder:
     @property
     def dim(self) -> int:
         if self._dim is None:
-            self._dim = int(self._load().get_sentence_embedding_dimension())
+            st = self._load()
+            get = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+            self._dim = int(get())
         return self._dim
 
     def _load(self):
@@ -144,11 +146,39 @@ class VectorsOnly:
         raise InvalidInput(f"this database has no text embedder ({self.name}); pass vectors instead of text")
 
 
+def _fast_folder(path: str):
+    """The ONNX runtime for a local sentence-transformers BERT folder with mean pooling (a tuned
+    embedder, say), else None: the caller uses sentence-transformers, which gives the same vectors."""
+    import json
+
+    folder = os.path.abspath(path)
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            if json.load(f).get("model_type") != "bert":
+                return None
+    except (OSError, ValueError):
+        return None
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")) or \
+            not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return None
+    try:
+        from .embed_onnx import OnnxMiniLMEmbedder, _check_pipeline, default_fast_embedder
+        from pathlib import Path
+
+        if default_fast_embedder() is None:  # MOEDB_EMBEDDER=sentence-transformers, or no onnxruntime
+            return None
+        _check_pipeline(Path(folder))
+    except (ImportError, ConfigError):
+        return None
+    return OnnxMiniLMEmbedder(folder)
+
+
 def resolve(embedder: Any) -> Embedder:
     """Turn the ``embedder=`` argument of :func:`moedb.connect` into an :class:`Embedder`.
 
     ``None`` -> the bundled MiniLM (the fast ONNX runtime when available, same vectors);
-    ``str`` -> a sentence-transformers name or path; an object with ``embed`` -> wrapped.
+    ``str`` -> a sentence-transformers name or path (a local BERT folder with mean pooling runs on
+    the ONNX runtime too); an object with ``embed`` -> wrapped.
     """
     if embedder is None:
         try:
@@ -163,10 +193,11 @@ def resolve(embedder: Any) -> Embedder:
     if isinstance(embedder, str):
         if embedder in (DEFAULT_MODEL, "sentence-transformers/" + DEFAULT_MODEL, "default"):
             return resolve(None)
-        return SentenceTransformerEmbedder(embedder)
+        fast = _fast_folder(embedder)
+        return fast if fast is not None else SentenceTransformerEmbedder(embedder)
     if isinstance(embedder, (SentenceTransformerEmbedder, CallableEmbedder, VectorsOnly)):
         return embedder
-    if getattr(embedder, "kind", None) == "onnx-minilm" and hasattr(embedder, "embed"):
+    if getattr(embedder, "kind", None) in ("onnx-minilm", "onnx") and hasattr(embedder, "embed"):
         return embedder  # the ONNX runtime of the bundled model: keep it (the file records it as the model)
     if hasattr(embedder, "embed"):
         return CallableEmbedder(embedder)

@@ -528,7 +528,12 @@ def _check_pipeline(folder: Path) -> None:
                 cfg = json.loads((folder / m.get("path", "") / "config.json").read_text())
             except (OSError, ValueError):
                 continue
-            modes = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode") and v)
+            if isinstance(cfg.get("pooling_mode"), str):  # sentence-transformers >= 6 writes one string
+                modes = [] if cfg["pooling_mode"] == "mean" else [cfg["pooling_mode"]]
+                modes += [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
+                modes = modes or ["pooling_mode_mean_tokens"]
+            else:
+                modes = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode") and v)
             if modes != ["pooling_mode_mean_tokens"]:
                 raise ConfigError(f"ONNX embedder: {folder} pools with {modes}; only mean pooling is supported")
         elif not m.get("type", "").endswith(("Transformer", "Normalize")):

@@ -78,9 +78,12 @@ class RoutingMixin:
         return router
 
     def _fit_router(self, routable: list[dict], key: str, previous=None):
-        docs = {}
-        for eid, (rowids, texts, blob) in self.store.routing_documents([r["id"] for r in routable]).items():
+        docs, calib = {}, {}
+        for eid, (rowids, texts, blob, tuned) in self.store.routing_documents([r["id"] for r in routable]).items():
             docs[eid] = (np.frombuffer(blob, dtype="<f4").reshape(len(rowids), self.dim).astype(np.float32), texts)
+            calib[eid] = np.asarray(tuned, dtype=np.int64) == 0
+        if all(c.all() for c in calib.values()):
+            calib = None  # no document trained the embedder: every one is held-out evidence
         if previous is None:
             stored = self.store.routing_get("gate")
             if stored is not None:
@@ -93,7 +96,7 @@ class RoutingMixin:
                 except (ValueError, KeyError, OSError):
                     previous = None
         router = Router.fit(routable, self._experts, docs, self._settings, feedback=self._feedback_examples(),
-                            previous=previous, key=key)
+                            previous=previous, key=key, calibration=calib)
         self.store.routing_put("gate", key, router.gate_bytes(), router.figures())
         return router
 

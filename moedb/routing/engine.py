@@ -48,8 +48,9 @@ class Router:
     @staticmethod
     def fit(rows: list[dict], all_rows: list[dict], docs: dict[int, tuple[np.ndarray, list[str]]],
             settings: dict[str, Any], feedback: Optional[tuple] = None, previous: Optional["Router"] = None,
-            key: str = "") -> "Router":
-        """Fit the gate. ``docs[id] = (unit vectors (n, d), texts)``; ``feedback`` with expert *ids*."""
+            key: str = "", calibration: Optional[dict[int, np.ndarray]] = None) -> "Router":
+        """Fit the gate. ``docs[id] = (unit vectors (n, d), texts)``; ``feedback`` with expert *ids*;
+        ``calibration[id]`` ``(n,)`` bool: the documents that may calibrate the gate (``None`` = all)."""
         groups = [docs[r["id"]][0] for r in rows]
         texts = [docs[r["id"]][1] for r in rows] if settings.get("lexical", True) else None
         col = {r["id"]: j for j, r in enumerate(rows)}
@@ -78,7 +79,8 @@ class Router:
                           max_total_docs=int(settings.get("gate_max_docs", 20000)))
         gate.fit(groups, texts, keywords=[r.get("keywords") or [] for r in rows],
                  descriptions=[r.get("description") or "" for r in rows], feedback=fb, warm_start=warm,
-                 refuse=[bool(r.get("refuse")) for r in rows])
+                 refuse=[bool(r.get("refuse")) for r in rows],
+                 calibration=None if calibration is None else [calibration[r["id"]] for r in rows])
         gate.figures_["expert_ids"] = [r["id"] for r in rows]
         return Router(rows, all_rows, gate, key)
 

@@ -95,12 +95,18 @@ class HybridGate:
             keywords: Sequence[Sequence[str]] = (), descriptions: Sequence[str] = (),
             feedback: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
             warm_start: Optional[tuple[np.ndarray, np.ndarray]] = None,
-            refuse: Optional[Sequence[bool]] = None) -> "HybridGate":
+            refuse: Optional[Sequence[bool]] = None,
+            calibration: Optional[Sequence[np.ndarray]] = None) -> "HybridGate":
         """``groups[e]``: unit document vectors ``(n_e, d)`` of expert ``e`` (every ``n_e >= 1``);
         ``texts[e]``: the same documents' texts (``None`` disables the lexical signal);
         ``feedback``: ``(vectors (m, d), expert index (m,), reward (m,))``;
         ``warm_start``: ``(coef (d, E), intercept (E,))`` to start the final gate fit from;
-        ``refuse`` ``(E,)`` bool: which experts are refusal experts (examples of out-of-scope queries).
+        ``refuse`` ``(E,)`` bool: which experts are refusal experts (examples of out-of-scope queries);
+        ``calibration[e]`` ``(n_e,)`` bool: the documents that may serve as held-out evidence (the mix, the
+        thresholds, the figures). ``None`` = all of them. A document that trained the embedder is no
+        evidence of how unseen queries score (it sits closer to its expert than they will), so after
+        :meth:`Database.tune_embedder` only the documents it held out calibrate the gate; the others are
+        still learned from in every fold.
         """
         rng = np.random.default_rng(self.seed)
         self._grams: dict = {}  # n-gram counts per text, shared by the cross-fitted lexical fits
@@ -114,12 +120,16 @@ class HybridGate:
         per_expert = min(self.max_fit_docs, max(8, int(self.max_total_docs) // max(E, 1)))
         keep = [np.sort(rng.permutation(len(g))[:per_expert]) for g in groups]
         groups = [g[k] for g, k in zip(groups, keep)]
+        calib = [np.ones(len(g), dtype=bool) for g in groups] if calibration is None else \
+            [np.asarray(c, dtype=bool).reshape(-1)[k] for c, k in zip(calibration, keep)]
         if texts is not None:
             texts = [[t[i] for i in k] for t, k in zip(texts, keep)]
         fb = feedback if feedback is not None else (np.zeros((0, d), np.float32), np.zeros(0, np.int64), np.zeros(0))
         fb = (np.asarray(fb[0], np.float32).reshape(-1, d), np.asarray(fb[1], np.int64), np.asarray(fb[2], np.float64))
         lexical_on = self.lexical and texts is not None
         figures: dict = {"experts": E, "documents": int(sum(len(g) for g in groups)), "feedback": int(len(fb[2]))}
+        if calibration is not None:
+            figures["calibration_documents"] = int(sum(int(c.sum()) for c in calib))
         # ---- cross-fitted held-out signals
         K = int(self.folds)
         fold = [rng.permutation(len(g)) % K if len(g) >= 2 and K >= 2 else np.full(len(g), -1) for g in groups]
@@ -134,14 +144,17 @@ class HybridGate:
         fbh_F: list[list[np.ndarray]] = [[], [], []]
         fbh_y: list[np.ndarray] = []
         for f in range(K if K >= 2 else 0):
-            tr = [g[fo != f] for g, fo in zip(groups, fold)]
-            te = [g[fo == f] for g, fo in zip(groups, fold)]
+            # documents that are no evidence (calib False) are learned from in every fold, never held out
+            tr = [g[(fo != f) | ~c] for g, fo, c in zip(groups, fold, calib)]
+            te = [g[(fo == f) & c] for g, fo, c in zip(groups, fold, calib)]
             fb_in = fb_fold != f
             fb_out = ~fb_in & (fb[2] > 0)
             if not any(len(t) for t in te) and not fb_out.any():
                 continue
-            tr_texts = [[t for t, fo_i in zip(tx, fo) if fo_i != f] for tx, fo in zip(texts, fold)] if lexical_on else None
-            te_texts = [t for tx, fo in zip(texts, fold) for t, fo_i in zip(tx, fo) if fo_i == f] if lexical_on else None
+            tr_texts = [[t for t, fo_i, c_i in zip(tx, fo, c) if fo_i != f or not c_i]
+                        for tx, fo, c in zip(texts, fold, calib)] if lexical_on else None
+            te_texts = [t for tx, fo, c in zip(texts, fold, calib)
+                        for t, fo_i, c_i in zip(tx, fo, c) if fo_i == f and c_i] if lexical_on else None
             C, owner, lr, lex = self._signals(tr, tr_texts, keywords, descriptions,
                                               (fb[0][fb_in], fb[1][fb_in], fb[2][fb_in]), None)
             # (fold gates start cold: a start fitted on their held-out documents could leak into them)

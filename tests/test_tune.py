@@ -1,0 +1,268 @@
+"""tune_embedder: a real fine-tune of the bundled MiniLM on a small file, its re-embedding, the
+calibration split, reopening (ONNX and sentence-transformers agree), and bad input that changes nothing."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import moedb
+from moedb.errors import ConfigError, EmbedderMismatch, InvalidInput
+from moedb.tune import split_holdout
+
+from conftest import run_cli
+
+# four experts whose documents a general-purpose encoder mixes up: every one is about money
+TOPICS = {
+    "card_lost": ["I lost my {c}", "my {c} was stolen", "someone took my {c}", "I can't find my {c} anywhere",
+                  "report my {c} missing", "my {c} is gone, block it"],
+    "card_declined": ["my {c} was declined", "why did my {c} not work at the store", "the shop refused my {c}",
+                      "payment with my {c} failed", "my {c} keeps getting rejected", "transaction denied on my {c}"],
+    "card_limit": ["raise the limit on my {c}", "what is the spending limit of my {c}", "increase my {c} limit",
+                   "how much can I spend with my {c}", "lower the limit of my {c}", "change my {c} credit line"],
+    "card_fee": ["what is the annual fee of my {c}", "why was I charged a fee on my {c}", "does my {c} have fees",
+                 "waive the fee on my {c}", "how much does my {c} cost per year", "refund the {c} fee"],
+}
+CARDS = ["visa card", "mastercard", "credit card", "debit card", "amex"]
+
+
+def docs_of(name):
+    return [{"id": f"{i}-{j}", "text": t.format(c=c)} for i, t in enumerate(TOPICS[name]) for j, c in enumerate(CARDS)]
+
+
+def build(path, embedder):
+    db = moedb.connect(path, embedder=embedder)
+    for name in TOPICS:
+        db.add_expert(name, docs_of(name), description=name.replace("_", " "))
+    return db
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, embedder):
+    d = tmp_path_factory.mktemp("tune")
+    path = str(d / "cards.db")
+    db = build(path, None)  # the file's own embedder (bundled MiniLM), which is what can be tuned
+    before = {n: np.asarray(db.store.document_vectors(*_ids_dim(db, n))) for n in TOPICS}
+    db.add_expert("off_topic", ["what is the weather tomorrow", "tell me a joke", "who won the game last night",
+                                "play some music", "how tall is mount everest"], refuse=True)
+    db.feedback("my amex got stolen", "card_lost", 1.0)
+    out = db.tune_embedder(epochs=8, lr=1e-4, batch_size=16, seed=0)
+    db.close()
+    return {"path": path, "out": out, "before": before, "dir": d}
+
+
+def _ids_dim(db, name):
+    row = db._require(name)
+    ids, _ = db.store.expert_vectors(row["id"])
+    return list(ids), db.dim
+
+
+def test_split_holdout_per_expert():
+    labels = np.repeat(np.arange(4), [1, 2, 10, 31])
+    h = split_holdout(labels, 0.1, seed=3)
+    per = [int(h[labels == e].sum()) for e in range(4)]
+    assert per == [0, 0, 1, 3]  # floor(0.1 n + 0.5), never an expert's last training document
+    assert np.array_equal(h, split_holdout(labels, 0.1, seed=3))
+    assert not split_holdout(labels, 0.0, seed=3).any()
+
+
+def test_tune_reembeds_and_records(tuned, embedder):
+    out = tuned["out"]
+    assert out["experts"] == 5 and out["documents"] == 4 * 30 + 5
+    assert out["held_out"] == 4 * 3 + 1 and out["trained"] == out["documents"] - out["held_out"]
+    assert len(out["loss"]) == 8 and out["loss"][-1] < out["loss"][0]
+    assert os.path.isdir(out["model"]) and out["model"].startswith(tuned["path"] + ".embedders" + os.sep)
+    db = moedb.connect(tuned["path"])
+    try:
+        rec = db.info()["embedder"]
+        assert rec["name"] == out["name"] and rec["relative_to_file"] and rec["tuned"]["epochs"] == 8
+        assert getattr(db.embedder, "kind", "") == "onnx"  # the tuned folder runs on onnxruntime too
+        # every stored vector is the tuned model's embedding of its text, and differs from before
+        for n in TOPICS:
+            ids, dim = _ids_dim(db, n)
+            stored = db.store.document_vectors(ids, dim)
+            texts = [d["text"] for d in db.documents(n)]
+            fresh = db.embedder.embed(texts)
+            assert np.allclose((stored * fresh).sum(1), 1.0, atol=1e-4)
+            assert (stored * tuned["before"][n]).sum(1).mean() < 0.999
+        # feedback queries are re-embedded too (they are examples for the gate)
+        (q, v), = db.store.q("SELECT query, query_vec FROM feedback")
+        assert float(np.frombuffer(v, "<f4") @ db.embedder.embed([q])[0]) > 1 - 1e-4
+        assert out["feedback"] == 1 and out["feedback_dropped"] == 0
+        # the documents it trained on are flagged; only the held-out ones calibrate the gate
+        flags = db.store.q("SELECT SUM(tuned), COUNT(*) FROM documents")[0]
+        assert flags == (out["trained"], out["documents"])
+        fig = db.refit_router()
+        assert fig["calibration_documents"] == out["held_out"]  # the refusal expert is a class of the gate too
+    finally:
+        db.close()
+
+
+def test_tuning_separates_the_experts(tuned):
+    """The tuned vectors sit closer to their own expert than to the others, more than before."""
+    db = moedb.connect(tuned["path"])
+    try:
+        def margin(vecs):
+            C = np.stack([v.mean(0) / np.linalg.norm(v.mean(0)) for v in vecs.values()])
+            m = []
+            for j, v in enumerate(vecs.values()):
+                s = v @ C.T
+                m.append(s[:, j] - np.delete(s, j, axis=1).max(1))
+            return float(np.concatenate(m).mean())
+        after = {n: db.store.document_vectors(*_ids_dim(db, n)) for n in TOPICS}
+        assert margin(after) > margin(tuned["before"]) + 0.02  # measured: 0.176 -> 0.206
+        b, a = tuned["out"]["holdout_accuracy_before"], tuned["out"]["holdout_accuracy_after"]
+        assert a is not None and a >= b
+        r = db.route("my mastercard got stolen yesterday", top_k=1)
+        assert r.experts and r.experts[0].name == "card_lost"
+        assert db.route("who will win the football game tonight").refused_by == "off_topic"
+    finally:
+        db.close()
+
+
+def test_onnx_and_sentence_transformers_agree_on_the_tuned_model(tuned):
+    from moedb.embed import SentenceTransformerEmbedder, resolve
+
+    folder = tuned["out"]["model"]
+    texts = ["my amex was declined at the store", "raise my visa card limit please"]
+    a = resolve(folder).embed(texts)
+    b = SentenceTransformerEmbedder(folder).embed(texts)
+    assert getattr(resolve(folder), "kind", "") == "onnx"
+    assert np.all((a * b).sum(1) > 1 - 1e-3)
+
+
+def test_cli_routes_with_the_tuned_model(tuned):
+    p = run_cli(["route", "my debit card keeps getting rejected", "--json", "--top-k", "1"], tuned["path"])
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["experts"][0]["name"] == "card_declined"
+
+
+def test_file_and_folder_move_together(tuned, tmp_path):
+    dst = tmp_path / "moved"
+    dst.mkdir()
+    shutil.copy(tuned["path"], dst / "cards.db")
+    shutil.copytree(tuned["path"] + ".embedders", dst / "cards.db.embedders")
+    db = moedb.connect(str(dst / "cards.db"))
+    try:
+        assert db.route("increase my credit card limit", top_k=1).experts[0].name == "card_limit"
+    finally:
+        db.close()
+    # the folder missing or changed: a clear error, not silently different vectors
+    shutil.copy(tuned["path"], tmp_path / "alone.db")
+    with pytest.raises(ConfigError, match="missing"):
+        moedb.connect(str(tmp_path / "alone.db"))
+    cfg = dst / "cards.db.embedders" / tuned["out"]["name"] / "config.json"
+    c = json.loads(cfg.read_text())
+    c["layer_norm_eps"] = 1e-6
+    cfg.write_text(json.dumps(c))
+    with pytest.raises(EmbedderMismatch, match="changed"):
+        moedb.connect(str(dst / "cards.db"))
+
+
+def _snapshot(path):
+    db = moedb.connect(path)
+    try:
+        return (json.dumps(db.store.get_meta("embedder"), sort_keys=True),
+                db.store.q("SELECT id, embedding, tuned FROM documents ORDER BY id"),
+                db.store.q("SELECT id, version, vec_sum FROM experts ORDER BY id"))
+    finally:
+        db.close()
+
+
+def test_bad_input_changes_nothing(tmp_path, embedder):
+    path = str(tmp_path / "bad.db")
+    db = build(path, None)
+    db.close()
+    snap = _snapshot(path)
+    existing = tmp_path / "taken"
+    existing.mkdir()
+    db = moedb.connect(path)
+    try:
+        for kw, msg in [({"epochs": 0}, "epochs"), ({"epochs": 1.5}, "epochs"), ({"holdout": 1.0}, "holdout"),
+                        ({"lr": float("nan")}, "lr"), ({"batch_size": 1}, "batch_size"),
+                        ({"out": str(existing)}, "already exists")]:
+            with pytest.raises(InvalidInput, match=msg):
+                db.tune_embedder(**kw)
+    finally:
+        db.close()
+    assert _snapshot(path) == snap
+    # a vectors-only file cannot be tuned, nor a file with one expert
+    v = moedb.connect(str(tmp_path / "vec.db"), embedder=moedb.VectorsOnly(4))
+    v.add_expert("x", [{"text": "a", "id": "1"}], vectors=np.ones((1, 4)))
+    v.add_expert("y", [{"text": "b", "id": "1"}], vectors=-np.ones((1, 4)))
+    with pytest.raises(ConfigError, match="cannot be tuned"):
+        v.tune_embedder()
+    v.close()
+    one = moedb.connect(str(tmp_path / "one.db"))
+    one.add_expert("only", ["a document", "another document"])
+    with pytest.raises(InvalidInput, match="two experts"):
+        one.tune_embedder()
+    one.close()
+    p = run_cli(["tune-embedder", "--epochs", "0"], path)
+    assert p.returncode == 1 and "epochs" in p.stderr and "Traceback" not in p.stderr
+    assert _snapshot(path) == snap
+
+
+def test_custom_embedder_cannot_be_tuned(tmp_path):
+    class Hash:
+        name, dim = "hash4", 4
+
+        def embed(self, texts):
+            return np.array([[len(t), t.count("a") + 1, t.count("e") + 1, 1.0] for t in texts])
+
+    db = moedb.connect(str(tmp_path / "h.db"), embedder=Hash())
+    db.add_expert("a", ["aaa", "aab"])
+    db.add_expert("e", ["eee", "eeb"])
+    with pytest.raises(ConfigError, match="cannot be tuned"):
+        db.tune_embedder()
+    db.close()
+
+
+def test_crash_while_switching_rolls_back(tmp_path, monkeypatch):
+    path = str(tmp_path / "crash.db")
+    db = build(path, None)
+    db.close()
+    snap = _snapshot(path)
+    db = moedb.connect(path)
+    calls = {"n": 0}
+    real = type(db.store).recompute_sum
+
+    def failing(self, eid):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full (simulated)")
+        return real(self, eid)
+
+    monkeypatch.setattr(type(db.store), "recompute_sum", failing)
+    with pytest.raises(OSError, match="disk full"):
+        db.tune_embedder(epochs=1, batch_size=32)
+    db.close()
+    monkeypatch.undo()
+    assert calls["n"] == 3
+    assert _snapshot(path) == snap  # the documents' vectors, flags, sums and the embedder record
+    assert not os.path.exists(path + ".embedders") or not os.listdir(path + ".embedders")
+    db = moedb.connect(path)  # and the file still routes with the bundled model
+    try:
+        assert db.route("my visa card was declined", top_k=1).experts[0].name == "card_declined"
+    finally:
+        db.close()
+
+
+def test_other_connection_follows_the_switch(tmp_path):
+    path = str(tmp_path / "two.db")
+    db = build(path, None)
+    reader = moedb.connect(path)
+    pinned = moedb.connect(path, embedder="default")
+    assert reader.route("report my amex missing", top_k=1).experts[0].name == "card_lost"
+    db.tune_embedder(epochs=1, batch_size=32)
+    try:
+        r = reader.route("report my amex missing", top_k=1)
+        assert reader.embedder.name == db.embedder.name and r.experts[0].name == "card_lost"
+        with pytest.raises(EmbedderMismatch, match="reconnect"):
+            pinned.route("report my amex missing")
+    finally:
+        for d in (db, reader, pinned):
+            d.close()
