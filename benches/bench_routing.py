@@ -27,19 +27,22 @@ from clinc import OUT, SPLITS, embed_cached, find_shared, load_clinc  # noqa: E4
 
 
 class LookupEmbedder:
-    """all-MiniLM-L6-v2 vectors served from the precomputed cache (falls back to the model)."""
+    """all-MiniLM-L6-v2 vectors (or a tuned model's: ``name``, ``model``) served from a precomputed
+    table; texts not in it go to the model."""
 
-    name, dim = "all-MiniLM-L6-v2", 384
+    dim = 384
 
-    def __init__(self, table: dict[str, np.ndarray]):
+    def __init__(self, table: dict[str, np.ndarray], name: str = "all-MiniLM-L6-v2", model: Any = None):
         self.table = table
+        self.name = name
+        self.model = model
 
     def embed(self, texts):
         missing = [t for t in texts if t not in self.table]
         if missing:
             from clinc import _embedder
 
-            for t, v in zip(missing, _embedder().embed(missing)):
+            for t, v in zip(missing, (self.model or _embedder()).embed(missing)):
                 self.table[t] = v
         return np.stack([self.table[t] for t in texts])
 
@@ -188,6 +191,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="skip the 1,000-expert latency comparison")
     ap.add_argument("--fresh", action="store_true", help="rebuild the moedb files (refit the gate)")
+    ap.add_argument("--tuned", action="store_true", help="also tune the embedder on the train utterances "
+                    "(moedb tune-embedder, ~15 min per file on 2 cores; the tuned files are cached)")
+    ap.add_argument("--only-tuned", action="store_true", help="run only the tuned part and merge it into the "
+                    "last benches/out/bench_routing.json (its accuracy figures; no latency comparison)")
     args = ap.parse_args()
     if find_shared() is None:
         print("skip: CLINC150 not found under ../shared/data/clinc150")
@@ -259,6 +266,16 @@ def main() -> None:
         db.configure(min_scope=None)
         return vok, vconf, oconf
 
+    if args.tuned or args.only_tuned:
+        for refusal in (False, True):
+            tuned_part(res, data, refusal, args.fresh, evaluate, abstention)
+    if args.only_tuned:
+        db.close()
+        last = json.loads((OUT / "bench_routing.json").read_text())
+        last.update({k: v for k, v in res.items() if "tuned embedder" in k or k.startswith("tuned")})
+        (OUT / "bench_routing.json").write_text(json.dumps(last, indent=2, default=float))
+        report(last)
+        return
     db.configure(balance=False, beam=0)
     evaluate(db, "moedb flat, no balancing")
     db.configure(balance=True)
@@ -316,6 +333,55 @@ def main() -> None:
     report(res)
 
 
+def tuned_part(res, data, refusal: bool, fresh: bool, evaluate, abstention) -> None:
+    """A file whose embedder was tuned on the train utterances (moedb's tune_embedder, default settings;
+    with the oos_train queries as a refusal expert when ``refusal``), evaluated like the others."""
+    import moedb
+
+    tag = "tuned" + ("_refusal" if refusal else "")
+    path = OUT / f"bench_routing_clinc150_{tag}.db"
+    if fresh:
+        import shutil
+
+        for suffix in ("", "-wal", "-shm"):
+            pathlib.Path(str(path) + suffix).unlink(missing_ok=True)
+        shutil.rmtree(str(path) + ".embedders", ignore_errors=True)
+    db = moedb.connect(str(path), log_queries=False)  # the file's own embedder: the bundled MiniLM, then tuned
+    rec = db.info()["embedder"]
+    if not rec.get("tuned"):
+        if not db.experts():
+            tr, X = data["train"], data["train"]["X"]
+            lab = np.array(tr["labels"])
+            for p in sorted(set(data["domain_of"].values())):
+                db.add_expert(p, description=p.replace("_", " "))
+            for name in data["intents"]:
+                rows = np.flatnonzero(lab == name)
+                db.add_expert(name, [{"text": tr["texts"][i], "id": str(i)} for i in rows], vectors=X[rows],
+                              parent=data["domain_of"][name])
+            if refusal:
+                db.add_expert("out_of_scope", data["oos_train"]["texts"], refuse=True,
+                              description="examples of queries none of the intents should answer")
+        out = db.tune_embedder(seed=0)
+        out["reused"] = False
+        res[f"{tag}_tune"] = out
+    else:
+        res[f"{tag}_tune"] = {**rec["tuned"], "reused": True}
+    # the tuned model's vectors of every split, computed once, then served by lookup (latency excluded)
+    model = db.embedder
+    texts = [t for s in SPLITS for t in data[s]["texts"]]
+    V = embed_cached(texts, f"{tag}_{db.info()['embedder']['fingerprint'][:12]}", embedder=model)
+    name = db.embedder.name
+    db.close()
+    db = moedb.connect(str(path), embedder=LookupEmbedder(dict(zip(texts, V)), name=name, model=model),
+                       log_queries=False)
+    db.route("warm up", log=False)
+    res[f"{tag}_gate_figures"] = db.router_figures()
+    label = "moedb, tuned embedder" + (" + refusal expert" if refusal else "")
+    evaluate(db, label)
+    abstention(db, f"calibrated_{tag}", f"val_tuned_scope_{tag}")
+    db.close()
+
+
 def report(res):
     pct = lambda x: f"{100 * x:5.1f}%" if isinstance(x, float) else "  -  "  # noqa: E731
     print("\nCLINC150 test (4,500 in-scope, 1,000 out-of-scope), all-MiniLM-L6-v2 embeddings for everyone")
@@ -332,7 +398,11 @@ def report(res):
                        ("moedb scope rule, min_scope tuned on val + oos_val", "val_tuned_scope"),
                        ("moedb top-confidence rule tuned on val + oos_val", "val_tuned_threshold"),
                        ("moedb + refusal expert (oos_train), calibrated", "calibrated_refusal"),
-                       ("moedb + refusal expert, min_scope tuned on val", "val_tuned_scope_refusal")):
+                       ("moedb + refusal expert, min_scope tuned on val", "val_tuned_scope_refusal"),
+                       ("moedb, tuned embedder, calibrated", "calibrated_tuned"),
+                       ("moedb, tuned embedder, min_scope tuned on val", "val_tuned_scope_tuned"),
+                       ("moedb, tuned + refusal expert, calibrated", "calibrated_tuned_refusal"),
+                       ("moedb, tuned + refusal expert, min_scope tuned on val", "val_tuned_scope_tuned_refusal")):
         c = res.get(key)
         if c is None:
             continue
@@ -352,6 +422,13 @@ def report(res):
         print(f"  1000 experts: moedb {res['moedb p50_ms (1000 experts)']:.3f} ms   semantic-router "
               f"{s2['p50_ms']:.3f} ms   ratio x{s2['p50_ms'] / res['moedb p50_ms (1000 experts)']:.1f}")
     print(f"  (moedb with retrieval of 5 passages, 150 experts: {res['moedb p50_ms with 5 passages (150 experts)']:.3f} ms)")
+    for tag in ("tuned", "tuned_refusal"):
+        t = res.get(f"{tag}_tune")
+        if t:
+            print(f"\n{tag}: tune_embedder {t['epochs']} epochs on {t['trained']} documents, {t['held_out']} held out; "
+                  f"held-out nearest centroid {pct(t['holdout_accuracy_before'])} -> {pct(t['holdout_accuracy_after'])}"
+                  + (" (cached file)" if t.get("reused") else f"; {t['train_seconds']:.0f} s training, "
+                     f"{t['seconds']:.0f} s in all"))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def _embedder():
     return _EMBEDDER
 
 
-def embed_cached(texts: list[str], key: str, batch: int = 256) -> np.ndarray:
+def embed_cached(texts: list[str], key: str, batch: int = 256, embedder=None) -> np.ndarray:
     """Unit MiniLM vectors ``(len(texts), 384)`` float32, cached as ``benches/out/emb_<key>_<hash>.npy``.
 
     The hash covers the texts, so a changed input never reuses a stale cache.
@@ -73,7 +73,7 @@ def embed_cached(texts: list[str], key: str, batch: int = 256) -> np.ndarray:
     if path.is_file():
         return np.load(path)
     OUT.mkdir(parents=True, exist_ok=True)
-    emb = _embedder()
+    emb = embedder or _embedder()
     parts = [np.asarray(emb.embed(texts[s:s + batch]), dtype=np.float32) for s in range(0, len(texts), batch)]
     m = np.concatenate(parts) if parts else np.zeros((0, 384), np.float32)
     m /= np.linalg.norm(m, axis=1, keepdims=True)

@@ -21,6 +21,10 @@ refusal expert is refused too, and the scope threshold is set so that both toget
 as a refusal expert raised the AUROC of the scope from 0.987 to 0.991; ``refuse_weight`` 0.5 was
 the best of 0.25/0.5/1/2 there.)
 
+After :meth:`Database.tune_embedder`, the documents the embedder trained on are no evidence of how new
+queries score (they sit closer to their expert), so only the documents it held out (``calibration``)
+are held out here; the others are learned from in every fold.
+
 Fitting imports SciPy; applying a fitted gate is NumPy only, and its state is plain arrays.
 """
 from __future__ import annotations
