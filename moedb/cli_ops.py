@@ -258,8 +258,9 @@ def tune_embedder(ctx: typer.Context,
                                                        "(default 3, more for a small file)."),
                   lr: float = typer.Option(5e-5, "--lr", help="Learning rate of the encoder."),
                   batch_size: int = typer.Option(32, "--batch-size", help="Documents per step."),
-                  holdout: float = typer.Option(0.1, "--holdout", help="Share of each expert's documents kept "
-                                                "out of training (they calibrate the gate)."),
+                  holdout: Optional[float] = typer.Option(None, "--holdout", help="Share of each expert's "
+                                                          "documents kept out of training (they calibrate the "
+                                                          "gate; default 0.1, more for a small file)."),
                   seed: int = typer.Option(0, "--seed", help="Seed of the split and the training order."),
                   json_out: bool = JSON_OPT) -> None:
     """Fine-tune the file's embedder on its experts' documents and re-embed the file with it."""
@@ -281,3 +282,5 @@ def tune_embedder(ctx: typer.Context,
     typer.echo(f"re-embedded {out_['documents']} documents and {out_['feedback']} feedback queries"
                + (f"; {out_['feedback_dropped']} feedback events without query text lost their vectors"
                   if out_["feedback_dropped"] else ""))
+    for w in out_["warnings"]:
+        typer.echo(f"warning: {w}", err=True)

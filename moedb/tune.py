@@ -62,6 +62,15 @@ def split_holdout(labels: np.ndarray, holdout: float, seed: int) -> np.ndarray:
     return held
 
 
+def auto_holdout(n_answering: int, min_heldout: int) -> float:
+    """``holdout`` for ``holdout=None``: ``HOLDOUT``, or more for a small file (at most half), so that
+    about ``min_heldout + 10`` in-scope documents are held out and the gate can still calibrate its
+    abstention threshold (it does not abstain with fewer than ``min_heldout``)."""
+    if n_answering <= 0:
+        return HOLDOUT
+    return float(max(HOLDOUT, min(0.5, (min_heldout + 10) / n_answering)))
+
+
 def auto_epochs(n_train: int, batch_size: int) -> int:
     """Epochs for ``epochs=None``: ``EPOCHS``, or more for a small file, so that there are at least
     ``MIN_STEPS`` optimizer steps (at most ``MAX_EPOCHS`` epochs)."""
@@ -147,14 +156,15 @@ class TuneMixin:
         return Path(os.path.abspath(self.path) + ".embedders")
 
     def tune_embedder(self, out: Optional[str] = None, *, epochs: Optional[int] = None, lr: float = LR,
-                      batch_size: int = BATCH, holdout: float = HOLDOUT, seed: int = 0,
+                      batch_size: int = BATCH, holdout: Optional[float] = None, seed: int = 0,
                       progress: Progress = None) -> dict[str, Any]:
         """Fine-tune the file's embedder on its experts' documents and re-embed the file with it.
 
         ``out``: the folder for the tuned model (must not exist; default ``<file>.embedders/<name>``);
         ``epochs`` (``None``: 3, more for a small file, see :func:`auto_epochs`), ``lr``, ``batch_size``:
         the fine-tune; ``holdout``: share of every expert's documents
-        kept out of it (they calibrate the gate and measure the gain); ``progress(stage, done, total)``.
+        kept out of it (they calibrate the gate and measure the gain; ``None``: 10%, more for a small
+        file, see :func:`auto_holdout`); ``progress(stage, done, total)``.
         Retuning starts again from the original model, not from the previous tuned one.
 
         Returns figures: ``documents``, ``experts``, ``trained``, ``held_out``, ``holdout_accuracy_before``
@@ -162,7 +172,7 @@ class TuneMixin:
         ``loss`` per epoch, ``seconds``, ``model`` (the folder), ``name`` and re-embedding counts.
         Nothing in the file changes unless the whole run succeeds.
         """
-        from .embed import SentenceTransformerEmbedder, resolve
+        from .embed import resolve
         from .embed_onnx import cache_dir, model_fingerprint
 
         if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
@@ -171,7 +181,8 @@ class TuneMixin:
             raise InvalidInput(f"batch_size must be an integer >= 2, got {batch_size!r}")
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr < 1):
             raise InvalidInput(f"lr must be a number in (0, 1), got {lr!r}")
-        if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
+        if holdout is not None and not (isinstance(holdout, (int, float)) and not isinstance(holdout, bool)
+                                        and 0 <= holdout < 1):
             raise InvalidInput(f"holdout must be in [0, 1), got {holdout!r}")
         rec = self.store.get_meta("embedder") or {}
         if rec.get("kind") != "sentence-transformers":
@@ -198,10 +209,22 @@ class TuneMixin:
         col = {e: j for j, e in enumerate(eids)}
         texts = [t for _, _, t in docs]
         labels = np.array([col[e] for _, e, _ in docs], dtype=np.int64)
+        refuse = {r["id"] for r in self._experts if r.get("refuse")}
+        answering = np.array([e not in refuse for _, e, _ in docs])
+        min_heldout = int(self._settings.get("min_heldout", 30))
+        if holdout is None:
+            holdout = auto_holdout(int(answering.sum()), min_heldout)
         held = split_holdout(labels, float(holdout), seed)
+        warnings = []
+        if int((held & answering).sum()) < min_heldout:
+            warnings.append(f"only {int((held & answering).sum())} in-scope documents are held out (fewer than "
+                            f"min_heldout={min_heldout}): the gate will not abstain on its scope until more "
+                            "documents are added")
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = _safe_name(f"{base_name}-tuned-{stamp}")
+        if out is None and self.path in ("", ":memory:"):
+            raise InvalidInput("tune: an in-memory database has no folder beside it; pass out=FOLDER")
         if out is None:
             folder = self.embedders_dir() / name
             k = 1
@@ -267,6 +290,7 @@ class TuneMixin:
             if old.parent == self.embedders_dir() and old != folder:
                 shutil.rmtree(old, ignore_errors=True)
         return {**record["tuned"], "documents": len(docs), "loss": losses, "model": str(folder), "name": name,
+                "warnings": warnings,
                 "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
                 **{k: v for k, v in counts.items() if k != "documents"}}
 

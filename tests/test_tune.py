@@ -49,7 +49,7 @@ def tuned(tmp_path_factory, embedder):
     db.add_expert("off_topic", ["what is the weather tomorrow", "tell me a joke", "who won the game last night",
                                 "play some music", "how tall is mount everest"], refuse=True)
     db.feedback("my amex got stolen", "card_lost", 1.0)
-    out = db.tune_embedder(epochs=8, lr=1e-4, batch_size=16, seed=0)
+    out = db.tune_embedder(epochs=4, lr=1e-4, batch_size=16, seed=0)
     db.close()
     return {"path": path, "out": out, "before": before, "dir": d}
 
@@ -72,13 +72,16 @@ def test_split_holdout_per_expert():
 def test_tune_reembeds_and_records(tuned, embedder):
     out = tuned["out"]
     assert out["experts"] == 5 and out["documents"] == 4 * 30 + 5
-    assert out["held_out"] == 4 * 3 + 1 and out["trained"] == out["documents"] - out["held_out"]
-    assert len(out["loss"]) == 8 and out["loss"][-1] < out["loss"][0]
+    # a small file: more than 10% held out (auto_holdout), so that >= min_heldout (30) in-scope documents
+    # calibrate the abstention threshold: 40/120 of each card expert, 2 of the 5 refusal examples
+    assert out["holdout"] == pytest.approx(40 / 120) and out["warnings"] == []
+    assert out["held_out"] == 4 * 10 + 2 and out["trained"] == out["documents"] - out["held_out"]
+    assert len(out["loss"]) == 4 and out["loss"][-1] < out["loss"][0]
     assert os.path.isdir(out["model"]) and out["model"].startswith(tuned["path"] + ".embedders" + os.sep)
     db = moedb.connect(tuned["path"])
     try:
         rec = db.info()["embedder"]
-        assert rec["name"] == out["name"] and rec["relative_to_file"] and rec["tuned"]["epochs"] == 8
+        assert rec["name"] == out["name"] and rec["relative_to_file"] and rec["tuned"]["epochs"] == 4
         assert getattr(db.embedder, "kind", "") == "onnx"  # the tuned folder runs on onnxruntime too
         # every stored vector is the tuned model's embedding of its text, and differs from before
         for n in TOPICS:
@@ -96,24 +99,30 @@ def test_tune_reembeds_and_records(tuned, embedder):
         flags = db.store.q("SELECT SUM(tuned), COUNT(*) FROM documents")[0]
         assert flags == (out["trained"], out["documents"])
         fig = db.refit_router()
+        assert fig["heldout"] == 40 and fig["scope_threshold"] is not None  # abstention is calibrated
         assert fig["calibration_documents"] == out["held_out"]  # the refusal expert is a class of the gate too
     finally:
         db.close()
 
 
-def test_tuning_separates_the_experts(tuned):
-    """The tuned vectors sit closer to their own expert than to the others, more than before."""
+def test_tuning_pulls_documents_to_their_expert(tuned):
+    """The documents it trained on move closer to their own expert's centroid (the fine-tune's objective;
+    wrong labels, no optimizer step or saving the base model all fail this). Measured: mean cosine
+    0.759 -> 0.806. These four experts are already told apart before tuning (held-out accuracy 100%);
+    the gain in accuracy is measured on CLINC150 in benches/bench_routing.py --tuned."""
     db = moedb.connect(tuned["path"])
     try:
-        def margin(vecs):
-            C = np.stack([v.mean(0) / np.linalg.norm(v.mean(0)) for v in vecs.values()])
-            m = []
-            for j, v in enumerate(vecs.values()):
-                s = v @ C.T
-                m.append(s[:, j] - np.delete(s, j, axis=1).max(1))
-            return float(np.concatenate(m).mean())
-        after = {n: db.store.document_vectors(*_ids_dim(db, n)) for n in TOPICS}
-        assert margin(after) > margin(tuned["before"]) + 0.02  # measured: 0.176 -> 0.206
+        trained = {r[0] for r in db.store.q("SELECT id FROM documents WHERE tuned = 1")}
+
+        def cohesion(vecs):
+            return float(np.mean(np.concatenate([v @ (v.mean(0) / np.linalg.norm(v.mean(0))) for v in vecs])))
+        before, after = [], []
+        for n in TOPICS:
+            ids, dim = _ids_dim(db, n)
+            keep = [i for i, rid in enumerate(ids) if rid in trained]
+            before.append(tuned["before"][n][keep])
+            after.append(db.store.document_vectors([ids[i] for i in keep], dim))
+        assert cohesion(after) > cohesion(before) + 0.025
         b, a = tuned["out"]["holdout_accuracy_before"], tuned["out"]["holdout_accuracy_after"]
         assert a is not None and a >= b
         r = db.route("my mastercard got stolen yesterday", top_k=1)
@@ -182,6 +191,7 @@ def test_bad_input_changes_nothing(tmp_path, embedder):
     db = moedb.connect(path)
     try:
         for kw, msg in [({"epochs": 0}, "epochs"), ({"epochs": 1.5}, "epochs"), ({"holdout": 1.0}, "holdout"),
+                        ({"holdout": -0.1}, "holdout"), ({"holdout": True}, "holdout"),
                         ({"lr": float("nan")}, "lr"), ({"batch_size": 1}, "batch_size"),
                         ({"out": str(existing)}, "already exists")]:
             with pytest.raises(InvalidInput, match=msg):
