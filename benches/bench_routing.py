@@ -267,12 +267,14 @@ def main() -> None:
         return vok, vconf, oconf
 
     if args.tuned or args.only_tuned:
+        before = set(res)
         for refusal in (False, True):
             tuned_part(res, data, refusal, args.fresh, evaluate, abstention)
+        tuned_keys = set(res) - before
     if args.only_tuned:
         db.close()
         last = json.loads((OUT / "bench_routing.json").read_text())
-        last.update({k: v for k, v in res.items() if "tuned embedder" in k or k.startswith("tuned")})
+        last.update({k: res[k] for k in tuned_keys})
         (OUT / "bench_routing.json").write_text(json.dumps(last, indent=2, default=float))
         report(last)
         return
