@@ -7,6 +7,8 @@ on held-out slices of its own documents. Reported on test (4,500 in-scope + 1,00
 
     python benches/bench_routing.py            # ~5-10 min on 2 busy cores; caches under benches/out/
     python benches/bench_routing.py --quick    # skip the 1,000-expert latency part
+    python benches/bench_routing.py --tuned    # also files whose embedder was tuned (tune_embedder), with
+                                               # and without a refusal expert: ~15 min each the first time
 
 Embeddings are computed once (benches/clinc.py) and served to both moedb and semantic-router through
 their embedder/encoder interfaces by text lookup, so routing latency excludes the embedding.

@@ -261,21 +261,26 @@ def test_crash_while_switching_rolls_back(tmp_path, monkeypatch):
         db.close()
 
 
-def test_other_connection_follows_the_switch(tmp_path):
+def test_other_process_tunes_and_this_connection_follows(tmp_path):
+    """`moedb tune-embedder` in a second process; a connection open here switches to the tuned model on
+    its next call, and one pinned to an explicit embedder says to reconnect."""
     path = str(tmp_path / "two.db")
-    db = build(path, None)
+    build(path, None).close()
     reader = moedb.connect(path)
     pinned = moedb.connect(path, embedder="default")
-    assert reader.route("report my amex missing", top_k=1).experts[0].name == "card_lost"
-    db.tune_embedder(epochs=1, batch_size=32)
     try:
+        assert reader.route("report my amex missing", top_k=1).experts[0].name == "card_lost"
+        p = run_cli(["tune-embedder", "--epochs", "1", "--json"], path)
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout)
+        assert out["epochs"] == 1 and out["name"].startswith("all-MiniLM-L6-v2-tuned-")
         r = reader.route("report my amex missing", top_k=1)
-        assert reader.embedder.name == db.embedder.name and r.experts[0].name == "card_lost"
+        assert reader.embedder.name == out["name"] and r.experts[0].name == "card_lost"
         with pytest.raises(EmbedderMismatch, match="reconnect"):
             pinned.route("report my amex missing")
     finally:
-        for d in (db, reader, pinned):
-            d.close()
+        reader.close()
+        pinned.close()
 
 
 def test_gate_calibrates_on_held_out_documents_only():
