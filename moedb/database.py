@@ -91,6 +91,7 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
     def __init__(self, path: str = "moedb.db", embedder: Any = None, *, log_queries: Optional[bool] = None,
                  generator: Optional[dict] = None):
         self.path = os.fspath(path)
+        self._abspath = os.path.abspath(self.path)  # tuned-model paths resolve against it, whatever the cwd later
         self.store = _db.Store(self.path)
         try:
             self.embedder = self._open_embedder(embedder)
@@ -133,12 +134,21 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
                 f"{self.path!r} was built with embedder {rec['name']!r} (dimension {rec['dim']}), "
                 f"not {new['name']!r} (dimension {new['dim']})")
         self._embedder_meta = rec if rec is not None else new
+        self.store.expected_embedder = new["name"]
         return emb
 
     def _model_path(self, rec: dict[str, Any]) -> Path:
-        """The model folder a record names (tuned folders are recorded relative to the file)."""
+        """The model folder a record names (tuned folders are recorded relative to the file; when the
+        file and its ``.embedders`` folder were renamed together, the folder is found there)."""
         p = Path(rec["model"])
-        return Path(os.path.abspath(self.path)).parent / p if rec.get("relative_to_file") else p
+        if not rec.get("relative_to_file"):
+            return p
+        here = Path(self._abspath).parent / p
+        if not here.exists():
+            moved = Path(self._abspath + ".embedders") / p.name
+            if moved.exists():
+                return moved
+        return here
 
     def _checked_model(self, rec: dict[str, Any]) -> str:
         """The recorded model folder, checked against its fingerprint when the file has one (tuned models)."""
@@ -158,6 +168,7 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
         """Use ``emb`` from now on (the file now records ``record``); every cached vector is stale."""
         self.embedder = emb
         self._embedder_meta = record
+        self.store.expected_embedder = record["name"]
         self._doc_cache = {}
         self._all_cache = None
         self._router_cache = None
@@ -299,6 +310,7 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
             raise InvalidInput("metadata must be a dict")
         gen = self._check_generator(generator) if generator is not None else None
         parent_id = self._check_parent(parent)
+        self._refresh()  # embed with the file's current embedder (another process may have tuned it)
         prepared = self._prepare(documents or [], vectors, progress) if documents or vectors is not None else None
         with self.store.atomic():
             eid = self.store.insert_expert(name, description or "", kw, parent_id, metadata or {}, gen, refuse)

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import apsw
 import numpy as np
 
-from .errors import DuplicateDocument, DuplicateExpert, MoedbError, SchemaError, UnknownExpert
+from .errors import DuplicateDocument, DuplicateExpert, EmbedderMismatch, MoedbError, SchemaError, UnknownExpert
 from .db_generation import GenerationSQL
 from .db_lifecycle import LifecycleSQL
 from .db_routing import RoutingSQL
@@ -55,6 +55,9 @@ class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
         import sqlite_vec
 
         self.path = path
+        # the embedder name this connection embeds with (set by Database); writes of vectors check it
+        # inside their transaction, so vectors of a model the file no longer uses never land in it
+        self.expected_embedder: Optional[str] = None
         try:
             self.conn = apsw.Connection(path)
         except apsw.Error as e:
@@ -147,6 +150,17 @@ class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
         return self.q1("SELECT max(version) FROM schema_migrations")[0] or 0
 
     # ------------------------------------------------------------------ meta
+    def check_embedder(self) -> None:
+        """Raise EmbedderMismatch if the file's embedder is not the one this connection embeds with
+        (another process re-embedded the file since); call inside the write transaction."""
+        if self.expected_embedder is None:
+            return
+        rec = self.get_meta("embedder")
+        if rec is not None and rec.get("name") != self.expected_embedder:
+            raise EmbedderMismatch(f"the file was re-embedded with {rec.get('name')!r} by another process while "
+                                   f"this one embedded with {self.expected_embedder!r}; nothing was written, "
+                                   "run the call again")
+
     def get_meta(self, key: str, default: Any = None) -> Any:
         row = self.q1("SELECT value FROM meta WHERE key=?", (key,))
         return json.loads(row[0]) if row else default
@@ -253,6 +267,7 @@ class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
         now = time.time()
         vecs = np.asarray(vectors, dtype=F4)
         with self.atomic():
+            self.check_embedder()
             row = self.q1("SELECT n_docs, vec_sum FROM experts WHERE id=?", (expert_id,))
             n, vs = row
             total = np.frombuffer(vs, dtype="<f8").copy() if vs else np.zeros(vecs.shape[1], dtype="<f8")

@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 F4 = np.dtype("<f4")
+# feedback whose query text can be re-embedded ("<vector>" stands for a query routed as a vector)
+_FB_TEXT = "query IS NOT NULL AND query != '' AND query != '<vector>'"
 
 
 def _window(col: str, since: Optional[float], until: Optional[float]) -> tuple[str, list]:
@@ -57,6 +59,8 @@ class LifecycleSQL:
         now = time.time()
         n = 0
         with self.atomic():
+            if any(r[3] is not None for r in rows):
+                self.check_embedder()
             for r in rows:
                 self.conn.execute(
                     "INSERT OR IGNORE INTO feedback(event_key, query_id, query, query_vec, expert_id, reward, ts, "
@@ -270,8 +274,7 @@ class LifecycleSQL:
     def texts_to_embed(self) -> tuple[list[tuple[int, int, str]], list[tuple[int, str]]]:
         """``([(rowid, expert_id, text)] of every document, [(feedback id, query)] of feedback with text)``."""
         docs = [(r[0], r[1], r[2]) for r in self.q("SELECT id, expert_id, text FROM documents ORDER BY id")]
-        fb = [(r[0], r[1]) for r in self.q(
-            "SELECT id, query FROM feedback WHERE query IS NOT NULL AND query != '' ORDER BY id")]
+        fb = [(r[0], r[1]) for r in self.q(f"SELECT id, query FROM feedback WHERE {_FB_TEXT} ORDER BY id")]
         return docs, fb
 
     def document_vectors(self, rowids: Sequence[int], dim: int) -> np.ndarray:
@@ -284,35 +287,46 @@ class LifecycleSQL:
                 out[i] = np.frombuffer(emb, dtype=F4)
         return out
 
-    def replace_embeddings(self, doc_vecs: dict[int, bytes], tuned: set[int], fb_vecs: dict[int, bytes],
-                           record: dict[str, Any], embed: Any) -> dict[str, int]:
+    def replace_embeddings(self, doc_vecs: dict[int, tuple[str, bytes]], tuned: set[int],
+                           fb_vecs: dict[int, tuple[str, bytes]], record: dict[str, Any], embed: Any,
+                           expect: Optional[dict[str, Any]] = None) -> dict[str, int]:
         """Switch the whole file to a new embedder in one transaction.
 
-        ``doc_vecs`` / ``fb_vecs``: new ``<f4`` bytes by document row id / feedback id, computed before
-        the transaction; rows added since then are embedded here with ``embed(texts) -> (n, d)``.
-        ``tuned``: row ids of the documents that trained the embedder (``documents.tuned = 1``).
+        ``doc_vecs`` / ``fb_vecs``: ``(text, new <f4 bytes)`` by document row id / feedback id, computed
+        before the transaction; rows added since then (or whose text changed: a reused row id) are
+        embedded here with ``embed(texts) -> (n, d)``. ``tuned``: row ids of the documents that trained the
+        embedder (``documents.tuned = 1``; a row whose text changed since is not one of them).
+        ``expect``: the embedder record the caller started from; another one now (a concurrent tune)
+        raises EmbedderMismatch and nothing changes.
         Every expert's sum is recomputed (its version moves, so gates and indexes refit), feedback
         without query text loses its vector (it cannot be re-embedded), the query log's vectors are
         cleared, fitted routing state is dropped, and ``record`` becomes the file's embedder.
         """
+        from .errors import EmbedderMismatch
+
         with self.atomic():
+            if expect is not None and self.get_meta("embedder") != expect:
+                raise EmbedderMismatch("another process changed this file's embedder during the tune; nothing "
+                                       "was changed (run the tune again)")
             docs, fb = self.texts_to_embed()
-            late = [(rid, t) for rid, _, t in docs if rid not in doc_vecs]
-            late_fb = [(fid, t) for fid, t in fb if fid not in fb_vecs]
+            fresh = {rid for rid, _, t in docs if rid in doc_vecs and doc_vecs[rid][0] == t}
+            late = [(rid, t) for rid, _, t in docs if rid not in fresh]
+            late_fb = [(fid, t) for fid, t in fb if fid not in fb_vecs or fb_vecs[fid][0] != t]
+            new: dict[int, bytes] = {rid: doc_vecs[rid][1] for rid in fresh}
+            new_fb: dict[int, bytes] = {fid: v for fid, (t, v) in fb_vecs.items()}
             if late or late_fb:
                 v = np.asarray(embed([t for _, t in late] + [t for _, t in late_fb]), dtype=F4)
-                doc_vecs = {**doc_vecs, **{rid: v[i].tobytes() for i, (rid, _) in enumerate(late)}}
-                fb_vecs = {**fb_vecs, **{fid: v[len(late) + i].tobytes() for i, (fid, _) in enumerate(late_fb)}}
+                new.update({rid: v[i].tobytes() for i, (rid, _) in enumerate(late)})
+                new_fb.update({fid: v[len(late) + i].tobytes() for i, (fid, _) in enumerate(late_fb)})
             self.conn.executemany("UPDATE documents SET embedding=?, tuned=? WHERE id=?",
-                                  [(doc_vecs[rid], int(rid in tuned), rid) for rid, _, _ in docs])
+                                  [(new[rid], int(rid in tuned and rid in fresh), rid) for rid, _, _ in docs])
             for (eid,) in self.q("SELECT id FROM experts"):
                 self.recompute_sum(eid)
             have = {fid for fid, _ in fb}
-            dropped = self.q1("SELECT COUNT(*) FROM feedback WHERE query_vec IS NOT NULL AND "
-                              "(query IS NULL OR query = '')")[0]
-            self.conn.execute("UPDATE feedback SET query_vec=NULL WHERE query IS NULL OR query = ''")
+            dropped = self.q1(f"SELECT COUNT(*) FROM feedback WHERE query_vec IS NOT NULL AND NOT ({_FB_TEXT})")[0]
+            self.conn.execute(f"UPDATE feedback SET query_vec=NULL WHERE NOT ({_FB_TEXT})")
             self.conn.executemany("UPDATE feedback SET query_vec=? WHERE id=?",
-                                  [(fb_vecs[fid], fid) for fid in have])
+                                  [(new_fb[fid], fid) for fid in have])
             cleared = self.q1("SELECT COUNT(*) FROM query_log WHERE query_vec IS NOT NULL")[0]
             self.conn.execute("UPDATE query_log SET query_vec=NULL WHERE query_vec IS NOT NULL")
             self.conn.execute("DELETE FROM routing_state")

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -148,12 +149,34 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "embedder"
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` (and the directories) to disk before the file refers to it."""
+    for root, _, files in os.walk(folder):
+        for f in files:
+            with open(os.path.join(root, f), "rb+") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(root))
+
+
 class TuneMixin:
     """:meth:`tune_embedder` for :class:`moedb.Database`."""
 
     def embedders_dir(self) -> Path:
         """Where tuned embedders of this file live by default: ``<file>.embedders/`` beside it."""
-        return Path(os.path.abspath(self.path) + ".embedders")
+        return Path(self._abspath + ".embedders")
 
     def tune_embedder(self, out: Optional[str] = None, *, epochs: Optional[int] = None, lr: float = LR,
                       batch_size: int = BATCH, holdout: Optional[float] = None, seed: int = 0,
@@ -244,13 +267,18 @@ class TuneMixin:
         model, losses = fine_tune(base_path, [t for t, h in zip(texts, held) if not h], labels[tr], len(eids),
                                   epochs=epochs, lr=float(lr), batch_size=batch_size, seed=seed, progress=progress)
         train_seconds = time.perf_counter() - t0
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
+        placed = False
         try:
-            partial.parent.mkdir(parents=True, exist_ok=True)
             model.save(str(partial))
             del model
+            _fsync_tree(partial)
+            if folder.exists():
+                raise InvalidInput(f"tune: {folder} appeared while training (another tune?); nothing was changed")
             os.replace(partial, folder)
+            placed = True
+            _fsync_dir(folder.parent)
             emb = resolve(str(folder))
             batch = 256
             V = np.zeros((len(texts) + len(fb), self.dim), dtype=np.float32)
@@ -275,20 +303,18 @@ class TuneMixin:
                                 "trained": int(tr.sum()), "held_out": int(held.sum()),
                                 "holdout_accuracy_before": before, "holdout_accuracy_after": after}}
             F4 = np.dtype("<f4")
-            doc_vecs = {rid: V[i].astype(F4).tobytes() for i, (rid, _, _) in enumerate(docs)}
-            fb_vecs = {fid: V[len(texts) + i].astype(F4).tobytes() for i, (fid, _) in enumerate(fb)}
+            doc_vecs = {rid: (t, V[i].astype(F4).tobytes()) for i, (rid, _, t) in enumerate(docs)}
+            fb_vecs = {fid: (q, V[len(texts) + i].astype(F4).tobytes()) for i, (fid, q) in enumerate(fb)}
             tuned_ids = {rid for (rid, _, _), h in zip(docs, held) if not h}
             counts = self.store.replace_embeddings(doc_vecs, tuned_ids, fb_vecs, record,
-                                                   lambda ts: self._checked(emb, ts))
+                                                   lambda ts: self._checked(emb, ts), expect=rec or None)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
-            shutil.rmtree(folder, ignore_errors=True)
+            if placed:  # our own folder, never committed: no file refers to it
+                shutil.rmtree(folder, ignore_errors=True)
             raise
         self._switch_embedder(emb, record)
-        if rec.get("tuned") and rec.get("model"):  # a folder moedb made for this file earlier: no longer used
-            old = self._model_path(rec)
-            if old.parent == self.embedders_dir() and old != folder:
-                shutil.rmtree(old, ignore_errors=True)
+        # a previous tuned folder stays: a copy of the file (a backup) may still refer to it
         return {**record["tuned"], "documents": len(docs), "loss": losses, "model": str(folder), "name": name,
                 "warnings": warnings,
                 "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
@@ -303,7 +329,7 @@ class TuneMixin:
     def _record_path(self, folder: Path) -> tuple[str, bool]:
         """The model folder as the file records it: relative to the file's directory when inside it
         (the file and its embedders can then move together), else absolute."""
-        base = Path(os.path.abspath(self.path)).parent
+        base = Path(self._abspath).parent
         try:
             return str(folder.relative_to(base)), True
         except ValueError:

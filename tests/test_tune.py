@@ -152,9 +152,9 @@ def test_cli_routes_with_the_tuned_model(tuned):
 def test_file_and_folder_move_together(tuned, tmp_path):
     dst = tmp_path / "moved"
     dst.mkdir()
-    shutil.copy(tuned["path"], dst / "cards.db")
-    shutil.copytree(tuned["path"] + ".embedders", dst / "cards.db.embedders")
-    db = moedb.connect(str(dst / "cards.db"))
+    shutil.copy(tuned["path"], dst / "renamed.db")  # renamed together with its folder, in another directory
+    shutil.copytree(tuned["path"] + ".embedders", dst / "renamed.db.embedders")
+    db = moedb.connect(str(dst / "renamed.db"))
     try:
         assert db.route("increase my credit card limit", top_k=1).experts[0].name == "card_limit"
     finally:
@@ -163,12 +163,12 @@ def test_file_and_folder_move_together(tuned, tmp_path):
     shutil.copy(tuned["path"], tmp_path / "alone.db")
     with pytest.raises(ConfigError, match="missing"):
         moedb.connect(str(tmp_path / "alone.db"))
-    cfg = dst / "cards.db.embedders" / tuned["out"]["name"] / "config.json"
+    cfg = dst / "renamed.db.embedders" / tuned["out"]["name"] / "config.json"
     c = json.loads(cfg.read_text())
     c["layer_norm_eps"] = 1e-6
     cfg.write_text(json.dumps(c))
     with pytest.raises(EmbedderMismatch, match="changed"):
-        moedb.connect(str(dst / "cards.db"))
+        moedb.connect(str(dst / "renamed.db"))
 
 
 def _snapshot(path):
@@ -278,6 +278,11 @@ def test_other_process_tunes_and_this_connection_follows(tmp_path):
         assert reader.embedder.name == out["name"] and r.experts[0].name == "card_lost"
         with pytest.raises(EmbedderMismatch, match="reconnect"):
             pinned.route("report my amex missing")
+        # retuning starts again from the bundled model; the first tuned folder stays (a copy may use it)
+        again = reader.tune_embedder(epochs=1, batch_size=32, seed=1)
+        rec = reader.info()["embedder"]
+        assert rec["name"] == again["name"] != out["name"] and rec["base"] == {"model": None, "relative_to_file": False}
+        assert rec["base_name"] == "all-MiniLM-L6-v2" and os.path.isdir(out["model"])
     finally:
         reader.close()
         pinned.close()
@@ -309,3 +314,61 @@ def test_gate_calibrates_on_held_out_documents_only():
         assert g.figures_["heldout"] == (90 if cal is not None else 270)
     assert refused["held-out only"] <= 0.08  # measured 5.2% for refuse_rate 5%
     assert refused["all"] >= 0.12            # measured 15.6%
+
+
+def test_replace_embeddings_reembeds_what_changed_during_the_tune(tmp_path):
+    """The switch embeds, inside its transaction, documents added while the model trained and a row id
+    reused for another text; feedback routed as a vector ("<vector>") loses its vector; a concurrent
+    change of embedder aborts it. (Store level: vectors here are arbitrary, the embedder a function.)"""
+    from moedb.vectors import normalize
+
+    path = str(tmp_path / "s.db")
+    db = moedb.connect(path, embedder=moedb.VectorsOnly(4))
+    rng = np.random.default_rng(1)
+    db.add_expert("a", [{"id": str(i), "text": f"alpha {i}"} for i in range(5)], vectors=rng.normal(size=(5, 4)))
+    db.add_expert("b", [{"id": str(i), "text": f"beta {i}"} for i in range(5)], vectors=rng.normal(size=(5, 4)))
+    r = db.route(normalize(rng.normal(size=(1, 4)))[0], log=True)  # a query routed as a vector
+    db.feedback(r.query_id, "a", 1.0)
+    assert db.store.q("SELECT query FROM feedback") == [("<vector>",)]
+    st = db.store
+    docs, fb = st.texts_to_embed()
+    assert fb == []  # "<vector>" is no text to embed
+    start = st.get_meta("embedder")
+    new_vec = lambda t: (np.full(4, 0.5, np.float32) * (1 + len(t))).astype("<f4")  # noqa: E731
+    doc_vecs = {rid: (t, new_vec(t).tobytes()) for rid, _, t in docs}
+    # meanwhile: the newest row is replaced by another text (same row id), and a document is added
+    db.add_documents("b", [{"id": "4", "text": "beta four, rewritten"}], vectors=rng.normal(size=(1, 4)),
+                     on_conflict="replace")
+    db.add_documents("a", [{"id": "9", "text": "alpha nine"}], vectors=rng.normal(size=(1, 4)))
+    seen = []
+
+    def embed(texts):
+        seen.extend(texts)
+        return np.stack([new_vec(t) for t in texts])
+
+    record = {**start, "name": "other"}
+    with pytest.raises(EmbedderMismatch, match="another process"):
+        st.replace_embeddings(doc_vecs, set(doc_vecs), {}, record, embed, expect={**start, "name": "x"})
+    assert st.get_meta("embedder") == start and seen == []
+    counts = st.replace_embeddings(doc_vecs, set(doc_vecs), {}, record, embed, expect=start)
+    assert sorted(seen) == ["alpha nine", "beta four, rewritten"] and counts["embedded_late"] == 2
+    rows = st.q("SELECT text, embedding, tuned FROM documents")
+    for text, emb, tuned in rows:
+        assert np.array_equal(np.frombuffer(emb, "<f4"), new_vec(text))
+        assert tuned == (0 if text in ("alpha nine", "beta four, rewritten") else 1)
+    assert counts["feedback_dropped"] == 1
+    assert st.q("SELECT query_vec FROM feedback") == [(None,)]
+    assert st.get_meta("embedder")["name"] == "other"
+    db.close()
+
+
+def test_a_writer_with_the_old_model_cannot_write(tmp_path):
+    path = str(tmp_path / "w.db")
+    db = moedb.connect(path, embedder=moedb.VectorsOnly(4))
+    db.add_expert("a", [{"id": "1", "text": "x"}], vectors=np.ones((1, 4)))
+    db.store.expected_embedder = "a model the file no longer uses"
+    n = db.store.q("SELECT COUNT(*) FROM documents")
+    with pytest.raises(EmbedderMismatch, match="nothing was written"):
+        db.store.insert_documents(db._require("a")["id"], [("2", "y", {}, None, None)], np.ones((1, 4), np.float32))
+    assert db.store.q("SELECT COUNT(*) FROM documents") == n
+    db.close()
