@@ -56,17 +56,20 @@ def ece(conf, correct, bins=15):
 
 
 def build_db(path: pathlib.Path, data, table, experts: dict[str, list[int]], parents: dict[str, str] | None,
-             settings: dict[str, Any] | None = None):
-    """A moedb file with one expert per key of ``experts`` (train row indices); reused when it exists."""
+             settings: dict[str, Any] | None = None, own_embedder: bool = False):
+    """A moedb file with one expert per key of ``experts`` (train row indices); reused when it exists.
+
+    The cached vectors are served by lookup; ``own_embedder``: the file keeps its own embedder (the
+    bundled MiniLM, whose vectors the cache holds; a file that can be tuned)."""
     import moedb
 
     fresh = not path.exists()
     try:
-        db = moedb.connect(str(path), embedder=LookupEmbedder(table), log_queries=False)
+        db = moedb.connect(str(path), embedder=None if own_embedder else LookupEmbedder(table), log_queries=False)
     except moedb.SchemaError:  # a cached file from an older schema: rebuild it
         for suffix in ("", "-wal", "-shm"):
             pathlib.Path(str(path) + suffix).unlink(missing_ok=True)
-        return build_db(path, data, table, experts, parents, settings)
+        return build_db(path, data, table, experts, parents, settings, own_embedder)
     if fresh:
         if settings:
             db.configure(**settings)
@@ -78,6 +81,13 @@ def build_db(path: pathlib.Path, data, table, experts: dict[str, list[int]], par
             db.add_expert(name, [{"text": tr["texts"][i], "id": str(i)} for i in rows], vectors=X[rows],
                           parent=(parents or {}).get(name))
     return db
+
+
+def add_refusal_expert(db, data) -> None:
+    """The 100 oos_train queries as the refusal expert ``out_of_scope`` (unless the file has it)."""
+    if "out_of_scope" not in {e.name for e in db.experts()}:
+        db.add_expert("out_of_scope", data["oos_train"]["texts"], refuse=True,
+                      description="examples of queries none of the intents should answer")
 
 
 def route_table(db, texts, top_k=2, **kw):
@@ -300,9 +310,7 @@ def main() -> None:
         p_ref.unlink()
     t = time.perf_counter()
     dbr = build_db(p_ref, data, table, groups, data["domain_of"])
-    if "out_of_scope" not in {e.name for e in dbr.experts()}:
-        dbr.add_expert("out_of_scope", data["oos_train"]["texts"], refuse=True,
-                       description="examples of queries none of the intents should answer")
+    add_refusal_expert(dbr, data)
     dbr.route("warm up", log=False)
     res["refusal_fit_or_load_s"] = time.perf_counter() - t
     res["refusal_gate_figures"] = dbr.router_figures()
@@ -350,21 +358,13 @@ def tuned_part(res, data, refusal: bool, fresh: bool, evaluate, abstention) -> N
         for suffix in ("", "-wal", "-shm"):
             pathlib.Path(str(path) + suffix).unlink(missing_ok=True)
         shutil.rmtree(str(path) + ".embedders", ignore_errors=True)
-    db = moedb.connect(str(path), log_queries=False)  # the file's own embedder: the bundled MiniLM, then tuned
+    lab = np.array(data["train"]["labels"])
+    groups = {n: np.flatnonzero(lab == n).tolist() for n in data["intents"]}
+    db = build_db(path, data, None, groups, data["domain_of"], own_embedder=True)  # then tuned
     rec = db.info()["embedder"]
     if not rec.get("tuned"):
-        if not db.experts():
-            tr, X = data["train"], data["train"]["X"]
-            lab = np.array(tr["labels"])
-            for p in sorted(set(data["domain_of"].values())):
-                db.add_expert(p, description=p.replace("_", " "))
-            for name in data["intents"]:
-                rows = np.flatnonzero(lab == name)
-                db.add_expert(name, [{"text": tr["texts"][i], "id": str(i)} for i in rows], vectors=X[rows],
-                              parent=data["domain_of"][name])
-            if refusal:
-                db.add_expert("out_of_scope", data["oos_train"]["texts"], refuse=True,
-                              description="examples of queries none of the intents should answer")
+        if refusal:
+            add_refusal_expert(db, data)
         out = db.tune_embedder(seed=0)
         out["reused"] = False
         res[f"{tag}_tune"] = out

@@ -393,19 +393,25 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
             if v.shape[0] != len(rows):
                 raise InvalidInput(f"{v.shape[0]} vectors given for {len(rows)} documents")
             return rows, normalize(v)
-        texts = [r[1] for r in rows]
+        return rows, self._embed_batches([r[1] for r in rows], progress, batch)
+
+    def _embed_batches(self, texts: list[str], progress: Progress = None, batch: int = 256,
+                       embedder: Any = None) -> np.ndarray:
+        """:meth:`_embed` in batches of ``batch`` texts, reporting ``progress(done, total)``; ``(n, dim)``."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for s in range(0, len(texts), batch):
-            out[s:s + batch] = self._embed(texts[s:s + batch])
+            out[s:s + batch] = self._embed(texts[s:s + batch], embedder)
             if progress:
                 progress(min(s + batch, len(texts)), len(texts))
-        return rows, out
+        return out
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        v = self.embedder.embed(texts)
-        if getattr(self.embedder, "checks_output", False) and getattr(v, "shape", None) == (len(texts), self.dim):
+    def _embed(self, texts: list[str], embedder: Any = None) -> np.ndarray:
+        """Validated unit vectors ``(n, dim)`` of ``texts`` from ``embedder`` (default: the file's)."""
+        emb = self.embedder if embedder is None else embedder
+        v = emb.embed(texts)
+        if getattr(emb, "checks_output", False) and getattr(v, "shape", None) == (len(texts), self.dim):
             return v
-        return normalize(as_matrix(v, self.dim, what=f"embedder {self.embedder.name!r} output"))
+        return normalize(as_matrix(v, self.dim, what=f"embedder {emb.name!r} output"))
 
     def add_documents(self, name: str, documents: Sequence[Document], vectors: Optional[np.ndarray] = None, *,
                       on_conflict: str = "error", progress: Progress = None) -> int:

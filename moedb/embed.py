@@ -162,10 +162,10 @@ def _fast_folder(path: str):
             not os.path.isfile(os.path.join(folder, "model.safetensors")):
         return None
     try:
-        from .embed_onnx import OnnxMiniLMEmbedder, _check_pipeline, default_fast_embedder
+        from .embed_onnx import OnnxMiniLMEmbedder, _check_pipeline, onnx_runtime_chosen
         from pathlib import Path
 
-        if default_fast_embedder() is None:  # MOEDB_EMBEDDER=sentence-transformers, or no onnxruntime
+        if not onnx_runtime_chosen():  # MOEDB_EMBEDDER=sentence-transformers, or no onnxruntime
             return None
         _check_pipeline(Path(folder))
     except (ImportError, ConfigError):

@@ -548,21 +548,22 @@ def _st_max_length(folder: Path) -> int:
         return 512
 
 
-def default_fast_embedder() -> Optional[OnnxMiniLMEmbedder]:
-    """The ONNX embedder for the bundled model, or None when it cannot or should not be used.
-
-    None when ``MOEDB_EMBEDDER=sentence-transformers`` is set or onnxruntime / tokenizers are missing
-    (the caller then uses sentence-transformers, which gives the same vectors); ``MOEDB_EMBEDDER=onnx``
-    makes missing packages an error instead.
-    """
+def onnx_runtime_chosen() -> bool:
+    """Whether models should run on onnxruntime: False when ``MOEDB_EMBEDDER=sentence-transformers`` is
+    set or onnxruntime / tokenizers are missing (the caller then uses sentence-transformers, which gives
+    the same vectors); ``MOEDB_EMBEDDER=onnx`` makes missing packages an error instead."""
     choice = os.environ.get("MOEDB_EMBEDDER", "").strip().lower()
     if choice in ("sentence-transformers", "sentence_transformers", "st", "torch"):
-        return None
+        return False
     if choice not in ("", "onnx", "auto"):
         raise ConfigError(f"MOEDB_EMBEDDER={choice!r}: expected 'onnx' or 'sentence-transformers'")
     missing = [m for m in ("onnxruntime", "tokenizers") if importlib.util.find_spec(m) is None]
     if missing and choice == "onnx":
         raise ConfigError(f"MOEDB_EMBEDDER=onnx needs the package(s) {', '.join(missing)} (pip install ...)")
-    if missing:
-        return None
-    return OnnxMiniLMEmbedder()
+    return not missing
+
+
+def default_fast_embedder() -> Optional[OnnxMiniLMEmbedder]:
+    """The ONNX embedder for the bundled model, or None when it cannot or should not be used
+    (see :func:`onnx_runtime_chosen`)."""
+    return OnnxMiniLMEmbedder() if onnx_runtime_chosen() else None

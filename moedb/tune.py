@@ -280,15 +280,8 @@ class TuneMixin:
             placed = True
             _fsync_dir(folder.parent)
             emb = resolve(str(folder))
-            batch = 256
-            V = np.zeros((len(texts) + len(fb), self.dim), dtype=np.float32)
-            all_texts = texts + [q for _, q in fb]
-            for s in range(0, len(all_texts), batch):
-                V[s:s + batch] = emb.embed(all_texts[s:s + batch])
-                if progress:
-                    progress("re-embedding", min(s + batch, len(all_texts)), len(all_texts))
-            if not np.isfinite(V).all():
-                raise ConfigError("tune: the tuned model produced non-finite vectors; nothing was changed")
+            V = self._embed_batches(texts + [q for _, q in fb], embedder=emb,
+                                    progress=(lambda d, n: progress("re-embedding", d, n)) if progress else None)
             before = after = None
             if held.any():
                 before = centroid_accuracy(old_vecs[tr], labels[tr], old_vecs[held], labels[held], len(eids))
@@ -307,7 +300,7 @@ class TuneMixin:
             fb_vecs = {fid: (q, V[len(texts) + i].astype(F4).tobytes()) for i, (fid, q) in enumerate(fb)}
             tuned_ids = {rid for (rid, _, _), h in zip(docs, held) if not h}
             counts = self.store.replace_embeddings(doc_vecs, tuned_ids, fb_vecs, record,
-                                                   lambda ts: self._checked(emb, ts), expect=rec or None)
+                                                   lambda ts: self._embed(ts, emb), expect=rec or None)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             if placed:  # our own folder, never committed: no file refers to it
@@ -321,11 +314,6 @@ class TuneMixin:
                 **{k: v for k, v in counts.items() if k != "documents"}}
 
     # ------------------------------------------------------------------ helpers
-    def _checked(self, emb, texts: list[str]) -> np.ndarray:
-        from .vectors import as_matrix, normalize
-
-        return normalize(as_matrix(emb.embed(texts), self.dim, what="tuned embedder output"))
-
     def _record_path(self, folder: Path) -> tuple[str, bool]:
         """The model folder as the file records it: relative to the file's directory when inside it
         (the file and its embedders can then move together), else absolute."""

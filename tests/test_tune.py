@@ -181,11 +181,15 @@ def _snapshot(path):
         db.close()
 
 
+def _built(tmp_path, name):
+    """A fresh file of the four card experts and a snapshot of what a failed tune must leave unchanged."""
+    path = str(tmp_path / name)
+    build(path, None).close()
+    return path, _snapshot(path)
+
+
 def test_bad_input_changes_nothing(tmp_path, embedder):
-    path = str(tmp_path / "bad.db")
-    db = build(path, None)
-    db.close()
-    snap = _snapshot(path)
+    path, snap = _built(tmp_path, "bad.db")
     existing = tmp_path / "taken"
     existing.mkdir()
     db = moedb.connect(path)
@@ -232,10 +236,7 @@ def test_custom_embedder_cannot_be_tuned(tmp_path):
 
 
 def test_crash_while_switching_rolls_back(tmp_path, monkeypatch):
-    path = str(tmp_path / "crash.db")
-    db = build(path, None)
-    db.close()
-    snap = _snapshot(path)
+    path, snap = _built(tmp_path, "crash.db")
     db = moedb.connect(path)
     calls = {"n": 0}
     real = type(db.store).recompute_sum
