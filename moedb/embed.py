@@ -161,14 +161,17 @@ def _fast_folder(path: str):
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")) or \
             not os.path.isfile(os.path.join(folder, "model.safetensors")):
         return None
-    try:
-        from .embed_onnx import OnnxMiniLMEmbedder, _check_pipeline, onnx_runtime_chosen
-        from pathlib import Path
+    from pathlib import Path
 
-        if not onnx_runtime_chosen():  # MOEDB_EMBEDDER=sentence-transformers, or no onnxruntime
-            return None
+    from .embed_onnx import OnnxMiniLMEmbedder, _check_pipeline, onnx_runtime_chosen
+
+    # MOEDB_EMBEDDER=sentence-transformers, or no onnxruntime: None (a bad MOEDB_EMBEDDER, or
+    # MOEDB_EMBEDDER=onnx without its packages, raises ConfigError here: the user asked for it)
+    if not onnx_runtime_chosen():
+        return None
+    try:
         _check_pipeline(Path(folder))
-    except (ImportError, ConfigError):
+    except ConfigError:  # a pipeline the ONNX runtime does not reproduce: sentence-transformers runs it
         return None
     return OnnxMiniLMEmbedder(folder)
 

@@ -18,6 +18,7 @@ does not.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -29,7 +30,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import ConfigError, InvalidInput
+from .errors import ConfigError, FileProblem, InvalidInput
 
 Progress = Optional[Callable[[str, int, int], None]]
 
@@ -171,6 +172,29 @@ def _fsync_tree(folder: Path) -> None:
         _fsync_dir(Path(root))
 
 
+@contextlib.contextmanager
+def _only_tune(lock: Optional[Path], what: str):
+    """Hold an exclusive advisory lock on ``lock`` for the whole tune, so that a second tune of the same
+    file fails at once instead of training for minutes and then being refused (``None``: in memory)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the switch transaction still refuses the later of two tunes
+        fcntl = None
+    if lock is None or fcntl is None:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileProblem(f"tune: another tune-embedder is running on {what}; wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class TuneMixin:
     """:meth:`tune_embedder` for :class:`moedb.Database`."""
 
@@ -193,11 +217,9 @@ class TuneMixin:
         Returns figures: ``documents``, ``experts``, ``trained``, ``held_out``, ``holdout_accuracy_before``
         and ``holdout_accuracy_after`` (nearest centroid on the held-out documents, before and after),
         ``loss`` per epoch, ``seconds``, ``model`` (the folder), ``name`` and re-embedding counts.
-        Nothing in the file changes unless the whole run succeeds.
+        Nothing in the file changes unless the whole run succeeds. A second tune of the same file while
+        one runs raises :class:`FileProblem` at once.
         """
-        from .embed import resolve
-        from .embed_onnx import cache_dir, model_fingerprint
-
         if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
             raise InvalidInput(f"epochs must be an integer >= 1, got {epochs!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 2:
@@ -207,6 +229,14 @@ class TuneMixin:
         if holdout is not None and not (isinstance(holdout, (int, float)) and not isinstance(holdout, bool)
                                         and 0 <= holdout < 1):
             raise InvalidInput(f"holdout must be in [0, 1), got {holdout!r}")
+        in_memory = self.path in ("", ":memory:")
+        with _only_tune(None if in_memory else self.embedders_dir() / ".tune.lock", repr(self.path)):
+            return self._tune(out, epochs, lr, batch_size, holdout, seed, progress)
+
+    def _tune(self, out, epochs, lr, batch_size, holdout, seed, progress) -> dict[str, Any]:
+        from .embed import resolve
+        from .embed_onnx import cache_dir, model_fingerprint
+
         rec = self.store.get_meta("embedder") or {}
         if rec.get("kind") != "sentence-transformers":
             raise ConfigError(f"tune: this file's embedder {rec.get('name')!r} is not a sentence-transformers "

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import moedb
-from moedb.errors import ConfigError, EmbedderMismatch, InvalidInput
+from moedb.errors import ConfigError, EmbedderMismatch, FileProblem, InvalidInput
 from moedb.tune import split_holdout
 
 from conftest import run_cli
@@ -220,6 +220,39 @@ def test_bad_input_changes_nothing(tmp_path, embedder):
     assert _snapshot(path) == snap
 
 
+def test_a_second_tune_of_the_same_file_fails_at_once(tmp_path):
+    import fcntl
+    import time
+
+    path, snap = _built(tmp_path, "busy.db")
+    os.makedirs(path + ".embedders")
+    fd = os.open(path + ".embedders/.tune.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running tune (another process) holds it
+    try:
+        db = moedb.connect(path)
+        t = time.perf_counter()
+        with pytest.raises(FileProblem, match="another tune-embedder is running"):
+            db.tune_embedder(epochs=1)
+        assert time.perf_counter() - t < 5  # refused before training, not after
+        db.close()
+        p = run_cli(["tune-embedder", "--epochs", "1"], path)
+        assert p.returncode == 1 and "another tune-embedder" in p.stderr and "Traceback" not in p.stderr
+    finally:
+        os.close(fd)
+    assert _snapshot(path) == snap
+    assert os.listdir(path + ".embedders") == [".tune.lock"]  # no model folder was written
+
+
+def test_bad_embedder_choice_is_an_error_for_a_tuned_folder(tuned, monkeypatch):
+    from moedb.embed import resolve
+
+    monkeypatch.setenv("MOEDB_EMBEDDER", "tensorflow")
+    with pytest.raises(ConfigError, match="MOEDB_EMBEDDER"):
+        resolve(tuned["out"]["model"])
+    monkeypatch.setenv("MOEDB_EMBEDDER", "sentence-transformers")
+    assert getattr(resolve(tuned["out"]["model"]), "kind", "") != "onnx"
+
+
 def test_custom_embedder_cannot_be_tuned(tmp_path):
     class Hash:
         name, dim = "hash4", 4
@@ -254,7 +287,7 @@ def test_crash_while_switching_rolls_back(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert calls["n"] == 3
     assert _snapshot(path) == snap  # the documents' vectors, flags, sums and the embedder record
-    assert not os.path.exists(path + ".embedders") or not os.listdir(path + ".embedders")
+    assert not os.path.exists(path + ".embedders") or os.listdir(path + ".embedders") == [".tune.lock"]
     db = moedb.connect(path)  # and the file still routes with the bundled model
     try:
         assert db.route("my visa card was declined", top_k=1).experts[0].name == "card_declined"
