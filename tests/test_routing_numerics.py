@@ -88,6 +88,18 @@ def test_select_with_admit_abstains_exactly_on_rejected_rows(x, k, thr, data):
                 assert np.all(p[i, sel[1:]] >= thr)
 
 
+@settings(max_examples=60)
+@given(st.integers(1, 3).flatmap(lambda n: st.integers(5, 200).flatmap(
+    lambda e: arrays(np.float64, (n, e), elements=st.integers(-3, 3).map(float)))), st.integers(1, 6), st.data())
+def test_biased_select_on_many_tied_experts_matches_a_full_stable_sort(x, k, data):
+    """The partial sort used for thousands of candidates picks what a full stable sort picks, ties included."""
+    b = np.array(data.draw(st.lists(st.sampled_from([0.0, 0.5, -0.5]), min_size=x.shape[1], max_size=x.shape[1])))
+    p = softmax(x)
+    for i, sel in enumerate(select(p, k, 0.0, bias=b, logits=x)):
+        ref = np.argsort(-(x[i] + b), kind="stable")[:k]
+        assert np.array_equal(sel, ref)
+
+
 @given(matrices, st.integers(1, 4), arrays(np.float64, 9, elements=st.floats(-0.5, 0.5)))
 def test_biased_select_keeps_confidence_floor_and_bias_moves_only_ranking(x, k, bias):
     p = softmax(x)

@@ -114,6 +114,10 @@ def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.nd
         if blocked is not None and (ok & ~blocked).any():
             ok &= ~blocked
         cand = np.flatnonzero(ok)
-        order = np.argsort(-rank[i, cand], kind="stable")[:k]
+        r = rank[i, cand]
+        if len(cand) > 4 * k:  # thousands of candidates: keep those tied with or above the k-th, then sort
+            sub = np.flatnonzero(r >= np.partition(r, len(r) - k)[len(r) - k])
+            cand, r = cand[sub], r[sub]
+        order = np.argsort(-r, kind="stable")[:k]
         out.append(cand[order].astype(np.int64))
     return out
