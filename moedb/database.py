@@ -230,9 +230,7 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
                     raise EmbedderMismatch(f"{self.path!r} was re-embedded with {rec.get('name')!r} by another "
                                            f"process; reconnect (this connection embeds with {self.embedder.name!r})")
                 self._switch_embedder(self._open_embedder(None), rec)
-        rows = self.store.expert_rows()
-        for r in rows:
-            r["centroid"] = (r["vec_sum"] / r["size"]).astype(np.float32) if r["size"] else None
+        rows = self._reload_rows()
         parent_centroids(rows)
         self._experts = rows
         self._by_name = {r["name"]: r for r in rows}
@@ -241,6 +239,29 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
         self._settings = self.settings()
         self._dv = dv
         self._dirty = False
+
+    def _reload_rows(self) -> list[dict[str, Any]]:
+        """Expert rows as the file has them now. Only new or changed rows are read and decoded (a file of
+        thousands of experts stays cheap to refresh after each write); unchanged ones are shallow copies."""
+        old = {r["id"]: r for r in self._experts}
+        stamps = self.store.expert_stamps()
+        changed = [i for i, v, u, _ in stamps
+                   if i not in old or old[i]["version"] != v or old[i]["updated_at"] != u]
+        fresh = {r["id"]: r for r in self.store.expert_rows(changed)} if changed else {}
+        rows = []
+        for i, _, _, parent_id in stamps:
+            r = fresh.get(i)
+            if r is None:
+                r = dict(old[i])
+                r["parent_id"] = parent_id
+            else:
+                r["own_centroid"] = (r["vec_sum"] / r["size"]).astype(np.float32) if r["size"] else None
+            r["centroid"] = r["own_centroid"]  # (parent_centroids gives pure parents their subtree's)
+            rows.append(r)
+        names = {r["id"]: r["name"] for r in rows}
+        for r in rows:
+            r["parent"] = names.get(r["parent_id"])
+        return rows
 
     def _expert_docs(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Cached ``(rowids (n,), unit vectors (n, d))`` of one expert."""
@@ -317,7 +338,10 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
             if prepared:
                 self.store.insert_documents(eid, *prepared)
         self._touch()
-        return self.expert(name)
+        # the new row alone (the next call refreshes the rest): adding thousands of experts stays linear
+        row = self.store.expert_row(name)
+        row["centroid"] = (row["vec_sum"] / row["size"]).astype(np.float32) if row["size"] else None
+        return self._to_expert(row)
 
     def _check_generator(self, generator: dict) -> dict:
         """Validated generator config (full validation lives in moedb.generate when installed)."""

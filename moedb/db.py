@@ -189,11 +189,23 @@ class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
             "version": version, "created_at": created, "updated_at": updated, "refuse": bool(refuse),
         }
 
-    def expert_rows(self) -> list[dict[str, Any]]:
-        rows = self.q(
-            f"SELECT {self._EXPERT_COLS} FROM experts e LEFT JOIN experts p ON p.id = e.parent_id ORDER BY e.id"
-        )
-        return [self._expert_dict(r) for r in rows]
+    def expert_rows(self, ids: Optional[Sequence[int]] = None) -> list[dict[str, Any]]:
+        """Every expert (``ids``: only these), in id order."""
+        sql = f"SELECT {self._EXPERT_COLS} FROM experts e LEFT JOIN experts p ON p.id = e.parent_id"
+        if ids is None:
+            return [self._expert_dict(r) for r in self.q(sql + " ORDER BY e.id")]
+        ids = list(ids)
+        out = []
+        for s in range(0, len(ids), 500):
+            part = ids[s:s + 500]
+            out += self.q(sql + f" WHERE e.id IN ({','.join('?' * len(part))}) ORDER BY e.id", part)
+        return [self._expert_dict(r) for r in sorted(out)]
+
+    def expert_stamps(self) -> list[tuple[int, int, float, Optional[int]]]:
+        """``(id, version, updated_at, parent_id)`` of every expert in id order: what tells a cached row
+        from a changed one (every change of a row moves its version and updated_at; deleting its parent
+        moves parent_id)."""
+        return self.q("SELECT id, version, updated_at, parent_id FROM experts ORDER BY id")
 
     def expert_row(self, name: str) -> dict[str, Any]:
         row = self.q1(

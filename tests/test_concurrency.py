@@ -92,6 +92,48 @@ def test_a_reader_sees_new_experts_without_reopening(tmp_path):
         b.close()
 
 
+def test_a_reader_sees_every_change_of_another_connection_s_experts(tmp_path):
+    """The refresh re-reads only rows that changed: each kind of change must still show."""
+    path = str(tmp_path / "rows.db")
+    a = moedb.connect(path, embedder=moedb.VectorsOnly(DIM))
+    b = moedb.connect(path, embedder=moedb.VectorsOnly(DIM))
+
+    def seen():
+        return {e.name: (e.description, e.keywords, e.parent, e.size, e.metadata, e.refuse,
+                         None if e.centroid is None else np.round(e.centroid, 5).tolist()) for e in b.experts()}
+
+    def written():
+        c = moedb.connect(path, embedder=moedb.VectorsOnly(DIM))  # a fresh connection reads every row
+        try:
+            return {e.name: (e.description, e.keywords, e.parent, e.size, e.metadata, e.refuse,
+                             None if e.centroid is None else np.round(e.centroid, 5).tolist()) for e in c.experts()}
+        finally:
+            c.close()
+
+    try:
+        a.add_expert("top")
+        a.add_expert("left", ["l1", "l2"], vectors=np.eye(DIM)[:2], parent="top")
+        a.add_expert("right", ["r1"], vectors=np.eye(DIM)[2:3], parent="top")
+        assert seen() == written() and b.expert("top").centroid is not None  # a parent's centroid from its children
+        steps = [lambda: a.update_expert("left", description="now described", keywords=["k"]),
+                 lambda: a.update_expert("right", metadata={"team": "x"}),
+                 lambda: a.add_documents("right", ["r2"], vectors=np.eye(DIM)[3:4]),
+                 lambda: a.remove_documents("left", [a.documents("left")[0]["id"]]),
+                 lambda: a.update_expert("right", parent=None),   # top's centroid is left's alone now
+                 lambda: a.remove_expert("top"),                   # left's parent goes (ON DELETE SET NULL)
+                 lambda: a.add_expert("noise", ["n"], vectors=np.eye(DIM)[5:6], refuse=True),
+                 lambda: a.remove_expert("left")]
+        for step in steps:
+            before = seen()
+            step()
+            now = seen()
+            assert now == written() and now != before
+        assert set(seen()) == {"right", "noise"} and seen()["right"][2] is None
+    finally:
+        a.close()
+        b.close()
+
+
 REFITTER = textwrap.dedent("""
     import sys, numpy as np, moedb
     path, n = sys.argv[1], int(sys.argv[2])
