@@ -242,7 +242,8 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
 
     def _reload_rows(self) -> list[dict[str, Any]]:
         """Expert rows as the file has them now. Only new or changed rows are read and decoded (a file of
-        thousands of experts stays cheap to refresh after each write); unchanged ones are shallow copies."""
+        thousands of experts stays cheap to refresh after each write); unchanged ones are the same dicts
+        (a Database is not shared between threads; the router keeps its own arrays, not these)."""
         old = {r["id"]: r for r in self._experts}
         stamps = self.store.expert_stamps()
         changed = [i for i, v, u, _ in stamps
@@ -252,8 +253,8 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
         for i, _, _, parent_id in stamps:
             r = fresh.get(i)
             if r is None:
-                r = dict(old[i])
-                r["parent_id"] = parent_id
+                r = old[i]
+                r["parent_id"] = parent_id  # (deleting its parent sets it NULL without a version bump)
             else:
                 r["own_centroid"] = (r["vec_sum"] / r["size"]).astype(np.float32) if r["size"] else None
             r["centroid"] = r["own_centroid"]  # (parent_centroids gives pure parents their subtree's)

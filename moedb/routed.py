@@ -64,6 +64,8 @@ class RoutingMixin:
             return None
         key = fingerprint(routable, self._settings)
         if cur is not None and cur.key == key:
+            if cur.shape != Router.shape_of(self._experts):  # a parent without documents came, went or moved
+                cur.set_tree(self._experts)
             self._attach_ann(cur)
             cur.seen = (self._experts, self._settings)
             return cur

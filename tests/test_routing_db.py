@@ -220,6 +220,22 @@ def test_hierarchy_paths_beam_and_parent_without_documents(vdb):
     assert r.experts[0].name == "grilling" and r.path == ["food", "grilling"]
     assert r.explanation["experts_scored"] == 3 and r.explanation["experts_total"] == 6
     assert {e.name for e in r.experts} <= {"baking", "grilling", "soups"}
+    # a parent without documents goes: the same gate serves (no refit), the paths no longer show it
+    vdb.configure(beam=None)
+    refits = vdb.router_figures()
+    other = moedb.connect(vdb.path, embedder=moedb.VectorsOnly(D))  # a connection that routed before, too
+    assert other.route(q, top_k=1, min_confidence=0.0, log=False).path == ["food", "grilling"]
+    vdb.remove_expert("food")
+    try:
+        for db in (vdb, other):
+            r = db.route(q, top_k=1, min_confidence=0.0, log=False)
+            assert r.experts[0].name == "grilling" and r.path == ["grilling"]
+        assert vdb.router_figures() == refits
+        vdb.add_expert("kitchen")  # and one that comes, once a child moves under it
+        vdb.update_expert("grilling", parent="kitchen")
+        assert other.route(q, top_k=1, min_confidence=0.0, log=False).path == ["kitchen", "grilling"]
+    finally:
+        other.close()
 
 
 def test_bad_input_is_refused_and_changes_nothing(vdb):

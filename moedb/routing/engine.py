@@ -36,14 +36,25 @@ class Router:
         self.key = key
         self.gate = gate
         self.col = {r["id"]: j for j, r in enumerate(rows)}
-        self.tree = Tree([r["id"] for r in all_rows], [r.get("parent_id") for r in all_rows])
-        self.names = {r["id"]: r["name"] for r in all_rows}
-        self._nodes: Optional[dict[int, np.ndarray]] = None
+        self.set_tree(all_rows)
         self._ann = None
         # refusal experts: gate classes that are never selected (a best match there abstains)
         self.refuse_cols = np.flatnonzero([bool(r.get("refuse")) for r in rows]).astype(np.int64)
         self.answering = {r["id"] for r in rows if not r.get("refuse")}  # the beam's leaves
         self.seen: tuple = ()  # (expert list, settings dict) objects this router was last checked against
+
+    @staticmethod
+    def shape_of(all_rows: list[dict]) -> tuple:
+        """What the tree and the names depend on: ``(id, parent_id, name)`` of every expert."""
+        return tuple((r["id"], r.get("parent_id"), r["name"]) for r in all_rows)
+
+    def set_tree(self, all_rows: list[dict]) -> None:
+        """The tree over every expert (and their names): set again when experts without documents come,
+        go or move, which leaves the gate (fitted on the experts with documents) as it is."""
+        self.tree = Tree([r["id"] for r in all_rows], [r.get("parent_id") for r in all_rows])
+        self.names = {r["id"]: r["name"] for r in all_rows}
+        self.shape = self.shape_of(all_rows)
+        self._nodes: Optional[dict[int, np.ndarray]] = None
 
     @staticmethod
     def fit(rows: list[dict], all_rows: list[dict], docs: dict[int, tuple[np.ndarray, list[str]]],
