@@ -1,6 +1,7 @@
 """The library object: :class:`Database` (experts, documents, routing, retrieval)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -221,6 +222,9 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
     def _refresh(self) -> None:
         """Reload expert rows if this or another process changed the file."""
         dv = self.store.data_version()
+        if self.store.rolled_back:  # rows read inside a transaction that rolled back may never have existed
+            self.store.rolled_back = False
+            self._experts, self._doc_cache, self._dirty = [], {}, True
         if not self._dirty and dv == self._dv:
             return
         if dv != self._dv:
@@ -230,7 +234,8 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
                     raise EmbedderMismatch(f"{self.path!r} was re-embedded with {rec.get('name')!r} by another "
                                            f"process; reconnect (this connection embeds with {self.embedder.name!r})")
                 self._switch_embedder(self._open_embedder(None), rec)
-        rows = self._reload_rows()
+        with self.store.snapshot():  # the stamps and the changed rows from one state of the file
+            rows = self._reload_rows()
         parent_centroids(rows)
         self._experts = rows
         self._by_name = {r["name"]: r for r in rows}
@@ -256,7 +261,10 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
                 r = old[i]
                 r["parent_id"] = parent_id  # (deleting its parent sets it NULL without a version bump)
             else:
-                r["own_centroid"] = (r["vec_sum"] / r["size"]).astype(np.float32) if r["size"] else None
+                c = (r["vec_sum"] / r["size"]).astype(np.float32) if r["size"] else None
+                if c is not None:
+                    c.flags.writeable = False  # shared by the cache and every Expert handed out
+                r["own_centroid"] = c
             r["centroid"] = r["own_centroid"]  # (parent_centroids gives pure parents their subtree's)
             rows.append(r)
         names = {r["id"]: r["name"] for r in rows}
@@ -285,8 +293,8 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
     # ------------------------------------------------------------------ experts
     def _to_expert(self, row: dict[str, Any]) -> Expert:
         return Expert(name=row["name"], description=row["description"], keywords=list(row["keywords"]),
-                      parent=row["parent"], size=row["size"], metadata=dict(row["metadata"]),
-                      generator=row["generator"], created_at=row["created_at"], updated_at=row["updated_at"],
+                      parent=row["parent"], size=row["size"], metadata=copy.deepcopy(row["metadata"]),
+                      generator=copy.deepcopy(row["generator"]), created_at=row["created_at"], updated_at=row["updated_at"],
                       centroid=row.get("centroid"), refuse=bool(row.get("refuse")))
 
     def experts(self) -> list[Expert]:
@@ -338,9 +346,9 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
             eid = self.store.insert_expert(name, description or "", kw, parent_id, metadata or {}, gen, refuse)
             if prepared:
                 self.store.insert_documents(eid, *prepared)
+            # the new row alone (the next call refreshes the rest): adding thousands of experts stays linear
+            row = self.store.expert_row(name)
         self._touch()
-        # the new row alone (the next call refreshes the rest): adding thousands of experts stays linear
-        row = self.store.expert_row(name)
         row["centroid"] = (row["vec_sum"] / row["size"]).astype(np.float32) if row["size"] else None
         return self._to_expert(row)
 

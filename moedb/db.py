@@ -68,6 +68,7 @@ class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
         self.conn.enable_load_extension(False)
         self._lock = threading.RLock()
         self._depth = 0
+        self.rolled_back = False  # set when a write transaction rolls back (Database drops its caches)
         try:
             self.conn.execute("PRAGMA foreign_keys=ON")
             if path != ":memory:" and not path.startswith("file::memory"):
@@ -95,12 +96,27 @@ class Store(RoutingSQL, LifecycleSQL, GenerationSQL):
                 self._depth -= 1
                 if depth == 0:
                     self.conn.execute("ROLLBACK")
+                    self.rolled_back = True  # what was read inside it (cached rows) may never have existed
                 else:
                     self.conn.execute(f"ROLLBACK TO {name}; RELEASE {name}")
                 raise
             else:
                 self._depth -= 1
                 self.conn.execute("COMMIT" if depth == 0 else f"RELEASE {name}")
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads that see one committed state of the file (a deferred read transaction; inside a write
+        transaction, that transaction's state)."""
+        with self._lock:
+            if self._depth or not self.conn.getautocommit():
+                yield
+                return
+            self.conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self.conn.execute("COMMIT")
 
     def close(self) -> None:
         self.conn.close()

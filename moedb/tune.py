@@ -183,8 +183,12 @@ def _only_tune(lock: Optional[Path], what: str):
     if lock is None or fcntl is None:
         yield
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only folder: no lock (saving the model there fails with its own error)
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -229,8 +233,20 @@ class TuneMixin:
         if holdout is not None and not (isinstance(holdout, (int, float)) and not isinstance(holdout, bool)
                                         and 0 <= holdout < 1):
             raise InvalidInput(f"holdout must be in [0, 1), got {holdout!r}")
-        in_memory = self.path in ("", ":memory:")
-        with _only_tune(None if in_memory else self.embedders_dir() / ".tune.lock", repr(self.path)):
+        rec = self.store.get_meta("embedder") or {}
+        if rec.get("kind") != "sentence-transformers":
+            raise ConfigError(f"tune: this file's embedder {rec.get('name')!r} is not a sentence-transformers "
+                              "model (vectors-only files and custom embedders cannot be tuned)")
+        self._refresh()
+        if sum(1 for r in self._experts if r["size"]) < 2:
+            raise InvalidInput("tune: needs at least two experts with documents (it learns what tells them apart)")
+        if out is not None and os.path.exists(os.path.abspath(os.fspath(out))):
+            raise InvalidInput(f"tune: {os.path.abspath(os.fspath(out))} already exists (give a new folder for "
+                               "the tuned model)")
+        # one tune per file at a time (the real path: two names of one file share the lock)
+        lock = None if self.path in ("", ":memory:") else \
+            Path(os.path.realpath(self._abspath) + ".embedders") / ".tune.lock"
+        with _only_tune(lock, repr(self.path)):
             return self._tune(out, epochs, lr, batch_size, holdout, seed, progress)
 
     def _tune(self, out, epochs, lr, batch_size, holdout, seed, progress) -> dict[str, Any]:
@@ -238,7 +254,7 @@ class TuneMixin:
         from .embed_onnx import cache_dir, model_fingerprint
 
         rec = self.store.get_meta("embedder") or {}
-        if rec.get("kind") != "sentence-transformers":
+        if rec.get("kind") != "sentence-transformers":  # (again: another process may have switched it)
             raise ConfigError(f"tune: this file's embedder {rec.get('name')!r} is not a sentence-transformers "
                               "model (vectors-only files and custom embedders cannot be tuned)")
         # retuning starts from the original model: {"model": ..., "relative_to_file": ...} of the base

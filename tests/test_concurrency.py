@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 import moedb
 
@@ -129,6 +130,13 @@ def test_a_reader_sees_every_change_of_another_connection_s_experts(tmp_path):
             now = seen()
             assert now == written() and now != before
         assert set(seen()) == {"right", "noise"} and seen()["right"][2] is None
+        # what a caller gets is a copy or read-only: editing it cannot change what later calls see
+        e = b.expert("right")
+        with pytest.raises(ValueError):
+            e.centroid[:] = 7.0
+        e.metadata["team"] = "changed"
+        e.keywords.append("changed")
+        assert seen() == written()
     finally:
         a.close()
         b.close()

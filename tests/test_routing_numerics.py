@@ -100,6 +100,13 @@ def test_biased_select_on_many_tied_experts_matches_a_full_stable_sort(x, k, dat
         assert np.array_equal(sel, ref)
 
 
+def test_biased_select_with_nan_ranks_picks_what_a_full_sort_picks():
+    x = np.arange(20, dtype=np.float64)[None, ::-1].copy()
+    x[0, [0, 3, 7]] = np.nan  # three NaN logits among 20 candidates: the partial sort must not be used
+    out = select(np.full((1, 20), 0.05), 2, 0.0, bias=np.zeros(20), logits=x)[0]
+    assert np.array_equal(out, np.argsort(-x[0], kind="stable")[:2]) and list(out) == [1, 2]
+
+
 @given(matrices, st.integers(1, 4), arrays(np.float64, 9, elements=st.floats(-0.5, 0.5)))
 def test_biased_select_keeps_confidence_floor_and_bias_moves_only_ranking(x, k, bias):
     p = softmax(x)

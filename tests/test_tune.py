@@ -210,6 +210,7 @@ def test_bad_input_changes_nothing(tmp_path, embedder):
     with pytest.raises(ConfigError, match="cannot be tuned"):
         v.tune_embedder()
     v.close()
+    assert not os.path.exists(str(tmp_path / "vec.db") + ".embedders")  # refused before taking the tune lock
     one = moedb.connect(str(tmp_path / "one.db"))
     one.add_expert("only", ["a document", "another document"])
     with pytest.raises(InvalidInput, match="two experts"):

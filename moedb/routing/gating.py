@@ -115,7 +115,8 @@ def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.nd
             ok &= ~blocked
         cand = np.flatnonzero(ok)
         r = rank[i, cand]
-        if len(cand) > 4 * k:  # thousands of candidates: keep those tied with or above the k-th, then sort
+        if k >= 1 and len(cand) > 4 * k and not np.isnan(r).any():
+            # thousands of candidates: keep those tied with or above the k-th, then sort
             sub = np.flatnonzero(r >= np.partition(r, len(r) - k)[len(r) - k])
             cand, r = cand[sub], r[sub]
         order = np.argsort(-r, kind="stable")[:k]

@@ -73,7 +73,9 @@ def parent_centroids(rows: list[dict]) -> None:
         members = [by_id[i] for i in tree.subtree(r["id"]) if by_id[i]["size"]]
         n = sum(m["size"] for m in members)
         if n:
-            r["centroid"] = (sum(m["vec_sum"] for m in members) / n).astype(np.float32)
+            c = (sum(m["vec_sum"] for m in members) / n).astype(np.float32)
+            c.flags.writeable = False
+            r["centroid"] = c
 
 
 def node_centroids(tree: Tree, leaf_centroids: dict[int, np.ndarray], k: int = 8, seed: int = 0
