@@ -44,20 +44,30 @@ class SoftmaxRegression:
             wn = np.ones(len(Xn)) if w_neg is None else np.asarray(w_neg, dtype=np.float64)
         total = w.sum() + (wn.sum() if has_neg else 0.0)
         total = total if total > 0 else 1.0
-        Y = np.zeros((n, E), dtype=np.float32)
-        Y[np.arange(n), y] = 1.0
+        rows = np.arange(n)
+        w32 = w.astype(np.float32)
+        unit_w = bool(np.all(w == 1.0))
         l2 = 1.0 / (self.C * total)  # sklearn's C, with the loss divided by the total weight
 
         def fg(theta):
             W = theta[:d * E].reshape(d, E)
             b = theta[d * E:]
-            Z = X @ W.astype(np.float32) + b.astype(np.float32)
-            lp = log_softmax(Z)
-            P = np.exp(lp)
-            loss = -(w * lp[np.arange(n), y]).sum()
-            G = ((P - Y) * w[:, None]).astype(np.float32)
-            gW = (X.T @ G).astype(np.float64)
-            gb = G.sum(axis=0, dtype=np.float64)
+            # one (n, E) float32 buffer goes logits -> probabilities -> gradient in place: at thousands
+            # of experts it is the whole cost of a refit (no one-hot matrix, no float64 copies)
+            Z = X @ W.astype(np.float32)
+            Z += b.astype(np.float32)
+            zy = Z[rows, y].astype(np.float64)
+            m = Z.max(axis=1)
+            Z -= m[:, None]
+            np.exp(Z, out=Z)
+            s = Z.sum(axis=1, dtype=np.float64)
+            loss = -(w * (zy - (m.astype(np.float64) + np.log(s)))).sum()
+            Z *= (1.0 / s).astype(np.float32)[:, None]  # softmax probabilities P
+            if not unit_w:
+                Z *= w32[:, None]
+            Z[rows, y] -= w32  # (P - onehot(y)) * w
+            gW = (X.T @ Z).astype(np.float64)
+            gb = Z.sum(axis=0, dtype=np.float64)
             if has_neg:
                 Zn = Xn @ W.astype(np.float32) + b.astype(np.float32)
                 lpn = log_softmax(Zn)
