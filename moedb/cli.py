@@ -27,7 +27,7 @@ def refit_now(db, refit: bool) -> None:
         from rich.console import Console
 
         with Console(stderr=True).status("fitting the router"):
-            db.refit_router()
+            db.refit_router(recalibrate=False)  # what the next route would do; a full calibration when due
 
 
 @app.callback()

@@ -51,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "ann_candidates": 64,     # centroids fetched by hnswlib per query
     "ann_min_docs": 20000,    # hnswlib inside experts with at least this many documents
     "ann_ef": 128,            # hnswlib search breadth (persisted with each index)
+    "recalibrate_after": 0.05,  # a lazy refit keeps the held-out calibration (mix, thresholds) of the last
+                              # full fit until this share of the experts has changed since; 0 = always recalibrate
     "context_weight": 0.75,   # weight of the conversation in route(..., context=[...]); 0.5 let the n-gram
                               # gate send "and how do I rotate them?" after an AWS-keys exchange to car tires
     "log_queries": True,

@@ -17,6 +17,12 @@ from .types import ExpertScore, Hit, RouteResult
 from .vectors import as_matrix, normalize, to_blob
 
 
+def _fit_settings(settings: dict[str, Any]) -> str:
+    """The settings a calibration depends on, as one string."""
+    return ";".join(f"{k}={settings.get(k)!r}" for k in ("gate_C", "gate_folds", "gate_max_iter", "refuse_rate",
+                                                         "lexical", "min_heldout", "gate_max_docs"))
+
+
 class RoutingMixin:
     """Routing, balancing, logging and search; mixed into :class:`moedb.Database`."""
 
@@ -73,32 +79,59 @@ class RoutingMixin:
         if stored is not None and stored[0] == key:
             router = Router(routable, self._experts, HybridGate.from_bytes(stored[1]), key)
         else:
-            router = self._fit_router(routable, key, previous=cur)
+            router = self._fit_router(routable, key, previous=cur, recalibrate=False)
         self._attach_ann(router)
         router.seen = (self._experts, self._settings)
         self._router_cache = router
         return router
 
-    def _fit_router(self, routable: list[dict], key: str, previous=None):
+    def _calibration_to_keep(self, routable: list[dict], previous) -> tuple[Any, int]:
+        """``(previous gate, experts changed since its calibration)`` when a refit may keep that gate's
+        held-out calibration: the same fit settings and refusal experts, and fewer than
+        ``recalibrate_after`` x the experts added, changed or removed since the last full calibration.
+        Otherwise ``(None, 0)``: calibrate anew (cross-fitting)."""
+        share = float(self._settings.get("recalibrate_after", 0.0))
+        if previous is None or share <= 0:
+            return None, 0
+        g = previous.gate
+        ids, versions = g.figures_.get("expert_ids", []), g.figures_.get("expert_versions", [])
+        if g.figures_.get("calibration_settings") != _fit_settings(self._settings) or len(ids) != len(versions) or \
+                len(ids) != g.n_experts_ or "heldout" not in g.figures_:
+            return None, 0  # other settings, an older gate, or one that never had held-out evidence
+        before = dict(zip(ids, versions))
+        now = {r["id"]: r["version"] for r in routable}
+        refusal_before = {i for i, rf in zip(ids, g.refuse_) if rf}
+        if refusal_before != {r["id"] for r in routable if r.get("refuse")}:
+            return None, 0  # the scope threshold is calibrated with the refusal experts' examples
+        changed = sum(1 for i, v in now.items() if before.get(i) != v) + sum(1 for i in before if i not in now)
+        total = int(g.figures_.get("changed_since_calibration", 0)) + changed
+        return (g, total) if total <= share * len(routable) else (None, 0)
+
+    def _fit_router(self, routable: list[dict], key: str, previous=None, recalibrate: bool = True):
         docs, calib = {}, {}
         for eid, (rowids, texts, blob, tuned) in self.store.routing_documents([r["id"] for r in routable]).items():
             docs[eid] = (np.frombuffer(blob, dtype="<f4").reshape(len(rowids), self.dim).astype(np.float32), texts)
             calib[eid] = np.asarray(tuned, dtype=np.int64) == 0
         if all(c.all() for c in calib.values()):
             calib = None  # no document trained the embedder: every one is held-out evidence
-        if previous is None:
-            stored = self.store.routing_get("gate")
-            if stored is not None:
-                try:
-                    g = HybridGate.from_bytes(stored[1])
-                    ids = g.figures_.get("expert_ids", [])
-                    if len(ids) == g.n_experts_ and g.coef_.shape[0] == self.dim:
-                        rows = [{"id": i, "version": -1} for i in ids]
-                        previous = Router(rows, rows, g, stored[0])
-                except (ValueError, KeyError, OSError):
-                    previous = None
+        # the gate stored in the file is the latest fit of any process: start from it (warm start, and the
+        # calibration it may pass on) unless it is the one this connection already holds
+        stored = self.store.routing_get("gate")
+        if stored is not None and (previous is None or stored[0] != previous.key):
+            try:
+                g = HybridGate.from_bytes(stored[1])
+                ids = g.figures_.get("expert_ids", [])
+                if len(ids) == g.n_experts_ and g.coef_.shape[0] == self.dim:
+                    # (only its columns and calibration are used: placeholder rows, no tree)
+                    rows = [{"id": i, "version": -1, "name": f"#{i}", "parent_id": None} for i in ids]
+                    previous = Router(rows, rows, g, stored[0])
+            except (ValueError, KeyError, OSError):
+                pass  # an unreadable stored gate: keep this connection's own previous one, if any
+        keep, changed = (None, 0) if recalibrate else self._calibration_to_keep(routable, previous)
         router = Router.fit(routable, self._experts, docs, self._settings, feedback=self._feedback_examples(),
-                            previous=previous, key=key, calibration=calib)
+                            previous=previous, key=key, calibration=calib, calibrated=keep)
+        router.gate.figures_.update(calibration_settings=_fit_settings(self._settings),
+                                    changed_since_calibration=changed)
         self.store.routing_put("gate", key, router.gate_bytes(), router.figures())
         return router
 
@@ -121,8 +154,12 @@ class RoutingMixin:
             self.store.routing_put("ann:centroids", router.key, idx.to_bytes(), {"items": len(C), "ef": ef})
         router.set_ann(idx)
 
-    def refit_router(self) -> dict[str, Any]:
+    def refit_router(self, recalibrate: bool = True) -> dict[str, Any]:
         """Refit the gate from the experts' documents and the feedback, persist it; returns fit figures.
+
+        ``recalibrate=False`` does what the first route after a change does: it keeps the held-out
+        calibration of the last full fit while fewer than ``recalibrate_after`` of the experts have changed
+        since (only the final gate is fitted; figure ``calibration_reused``).
 
         Figures: ``experts``, ``documents``, ``feedback``, held-out ``heldout_accuracy``, ``heldout_ece``,
         ``heldout_refused``, the mix weights, the calibrated ``threshold`` and ``scope_threshold``,
@@ -135,7 +172,7 @@ class RoutingMixin:
             self._router_cache = None
             return {"experts": 0}
         key = fingerprint(routable, self._settings)
-        router = self._fit_router(routable, key, previous=self._router_cache)
+        router = self._fit_router(routable, key, previous=self._router_cache, recalibrate=recalibrate)
         self._attach_ann(router)
         self._router_cache = router
         return router.figures()

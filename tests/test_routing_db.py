@@ -342,3 +342,44 @@ def test_large_experts_and_many_centroids_use_hnswlib_with_exact_level_recall(vd
     vdb.add_documents("e0", [f"new {j}" for j in range(5)], vectors=cluster(rng, centers[0], 5, spread=0.01))
     r = vdb.route(centers[0], top_k=1, k=5, log=False)
     assert {h.text for h in r.hits} == {f"new {j}" for j in range(5)}
+
+
+def test_a_small_change_keeps_the_calibration_and_a_larger_one_recalibrates(vdb):
+    """After a few experts change, the lazy refit fits only the final gate and keeps the held-out
+    calibration of the last full fit (much cheaper at thousands of experts); past ``recalibrate_after``
+    of the experts, or after an explicit refit, a new refusal expert or other fit settings, it
+    calibrates anew."""
+    rng = np.random.default_rng(21)
+    fill(vdb, rng, [f"e{i}" for i in range(20)])  # 5% of 20 experts: one change keeps the calibration
+    full = vdb.refit_router()
+    assert not full.get("calibration_reused") and full["changed_since_calibration"] == 0 and full["heldout"] > 0
+    c_new = fill(vdb, rng, ["new"])[0]
+    r = vdb.route(cluster(rng, c_new, 1)[0], top_k=1, min_confidence=0.0, log=False)
+    assert r.experts[0].name == "new"  # the new expert is in the gate at once
+    f = vdb.router_figures()
+    assert f["experts"] == 21 and f.get("calibration_reused") and f["changed_since_calibration"] == 1
+    for k in ("mix", "threshold", "scope_threshold", "heldout_accuracy"):
+        assert f[k] == full[k]
+    # another connection (a new process) reads the stored gate and keeps counting from it
+    other = moedb.connect(vdb.path, embedder=moedb.VectorsOnly(D))
+    try:
+        other.add_documents("new", ["new doc extra"], vectors=cluster(rng, c_new, 1))
+        g = other.router_figures()
+        assert g["changed_since_calibration"] == 2 or not g.get("calibration_reused")
+        assert not g.get("calibration_reused")  # 2 changes > 5% of 21 experts: calibrated anew
+        assert g["changed_since_calibration"] == 0 and g["heldout"] > full["heldout"]
+    finally:
+        other.close()
+    vdb.add_documents("e0", ["e0 doc extra"], vectors=cluster(rng, c_new, 1))
+    assert vdb.router_figures().get("calibration_reused")
+    assert not vdb.refit_router().get("calibration_reused")  # an explicit refit calibrates anew
+    vdb.add_expert("noise", ["n1", "n2"], vectors=unit(rng.normal(size=(2, D))), refuse=True)
+    assert not vdb.router_figures().get("calibration_reused")  # refusal experts shape the scope threshold
+    vdb.add_documents("e1", ["e1 doc extra"], vectors=cluster(rng, c_new, 1))
+    vdb.configure(gate_C=10.0)
+    assert not vdb.router_figures().get("calibration_reused")  # other fit settings
+    vdb.configure(recalibrate_after=0)
+    vdb.add_documents("e2", ["e2 doc extra"], vectors=cluster(rng, c_new, 1))
+    assert not vdb.router_figures().get("calibration_reused")  # 0: always calibrate anew
+    with pytest.raises(moedb.ConfigError, match="recalibrate_after"):
+        vdb.configure(recalibrate_after=1.5)

@@ -59,9 +59,11 @@ class Router:
     @staticmethod
     def fit(rows: list[dict], all_rows: list[dict], docs: dict[int, tuple[np.ndarray, list[str]]],
             settings: dict[str, Any], feedback: Optional[tuple] = None, previous: Optional["Router"] = None,
-            key: str = "", calibration: Optional[dict[int, np.ndarray]] = None) -> "Router":
+            key: str = "", calibration: Optional[dict[int, np.ndarray]] = None,
+            calibrated: Optional[HybridGate] = None) -> "Router":
         """Fit the gate. ``docs[id] = (unit vectors (n, d), texts)``; ``feedback`` with expert *ids*;
-        ``calibration[id]`` ``(n,)`` bool: the documents that may calibrate the gate (``None`` = all)."""
+        ``calibration[id]`` ``(n,)`` bool: the documents that may calibrate the gate (``None`` = all);
+        ``calibrated``: a previous gate whose held-out calibration is kept (see :meth:`HybridGate.fit`)."""
         groups = [docs[r["id"]][0] for r in rows]
         texts = [docs[r["id"]][1] for r in rows] if settings.get("lexical", True) else None
         col = {r["id"]: j for j, r in enumerate(rows)}
@@ -91,8 +93,10 @@ class Router:
         gate.fit(groups, texts, keywords=[r.get("keywords") or [] for r in rows],
                  descriptions=[r.get("description") or "" for r in rows], feedback=fb, warm_start=warm,
                  refuse=[bool(r.get("refuse")) for r in rows],
-                 calibration=None if calibration is None else [calibration[r["id"]] for r in rows])
+                 calibration=None if calibration is None else [calibration[r["id"]] for r in rows],
+                 calibrated=calibrated)
         gate.figures_["expert_ids"] = [r["id"] for r in rows]
+        gate.figures_["expert_versions"] = [r["version"] for r in rows]
         return Router(rows, all_rows, gate, key)
 
     def means(self) -> np.ndarray:
@@ -191,7 +195,8 @@ class Router:
             r.explanation["best_rejected"] = {"name": self.rows[top]["name"], "confidence": float(conf[top])}
 
     def figures(self) -> dict[str, Any]:
-        f = {k: v for k, v in self.gate.figures_.items() if k != "expert_ids"}
+        f = {k: v for k, v in self.gate.figures_.items()
+             if k not in ("expert_ids", "expert_versions", "calibration_settings")}
         f["tree_depth"] = self.tree.depth()
         return f
 

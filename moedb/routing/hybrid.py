@@ -41,6 +41,10 @@ from .lexical import LexicalIndex
 from .logreg import SoftmaxRegression
 
 COMPONENTS = ("centroid", "gate", "lexical")
+# figures that describe the held-out calibration (kept with it when a refit reuses it)
+HELDOUT_FIGURES = ("calibration_documents", "heldout_feedback", "heldout", "heldout_accuracy", "heldout_ece",
+                   "heldout_refused", "gate_only_accuracy", "centroid_only_accuracy", "refusal_heldout",
+                   "refusal_heldout_refused")
 FORMAT = 3
 
 
@@ -100,7 +104,8 @@ class HybridGate:
             feedback: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
             warm_start: Optional[tuple[np.ndarray, np.ndarray]] = None,
             refuse: Optional[Sequence[bool]] = None,
-            calibration: Optional[Sequence[np.ndarray]] = None) -> "HybridGate":
+            calibration: Optional[Sequence[np.ndarray]] = None,
+            calibrated: Optional["HybridGate"] = None) -> "HybridGate":
         """``groups[e]``: unit document vectors ``(n_e, d)`` of expert ``e`` (every ``n_e >= 1``);
         ``texts[e]``: the same documents' texts (``None`` disables the lexical signal);
         ``feedback``: ``(vectors (m, d), expert index (m,), reward (m,))``;
@@ -111,6 +116,9 @@ class HybridGate:
         evidence of how unseen queries score (it sits closer to its expert than they will), so after
         :meth:`Database.tune_embedder` only the documents it held out calibrate the gate; the others are
         still learned from in every fold.
+        ``calibrated``: a gate fitted on nearly the same experts whose held-out calibration (mix weights,
+        thresholds, scope statistics and held-out figures) is kept: no cross-fitting, only the final fit
+        (a few experts added or changed barely move these global quantities; see ``recalibrate_after``).
         """
         rng = np.random.default_rng(self.seed)
         self._grams: dict = {}  # n-gram counts per text, shared by the cross-fitted lexical fits
@@ -135,7 +143,7 @@ class HybridGate:
         if calibration is not None:
             figures["calibration_documents"] = int(sum(int(c.sum()) for c in calib))
         # ---- cross-fitted held-out signals
-        K = int(self.folds)
+        K = 0 if calibrated is not None else int(self.folds)
         fold = [rng.permutation(len(g)) % K if len(g) >= 2 and K >= 2 else np.full(len(g), -1) for g in groups]
         # feedback is cross-fitted too: a held-out positive event is one more labelled example for the mix
         # (it tells how much the feedback-trained gate should count), never for the refusal threshold
@@ -178,7 +186,14 @@ class HybridGate:
                 fbh_F[0].append(max_per_owner(Qf @ C.T, owner, E))
                 fbh_F[1].append(lr.log_proba(Qf))
                 fbh_F[2].append(np.zeros((len(Qf), E), np.float32))  # feedback has no text: no lexical evidence
-        if held_y and E >= 2 and (~R).any():
+        if calibrated is not None:
+            mix = np.asarray(calibrated.mix_, dtype=np.float64).copy()
+            self.threshold_ = float(calibrated.threshold_)
+            self.scope_stats_ = np.asarray(calibrated.scope_stats_, dtype=np.float64).copy()
+            self.scope_threshold_ = float(calibrated.scope_threshold_)
+            figures.update({k: v for k, v in calibrated.figures_.items() if k in HELDOUT_FIGURES})
+            figures["calibration_reused"] = True
+        elif held_y and E >= 2 and (~R).any():
             y = np.concatenate(held_y)
             F = [np.concatenate(f) for f in held_F]
             y_mix = np.concatenate([y] + fbh_y)

@@ -37,6 +37,7 @@ _ROUTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ann_min_docs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "ann_ef": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "context_weight": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "recalibrate_after": (lambda v: _is_num(v) and 0 <= v <= 1, "a share of the experts in [0, 1]"),
 }
 
 
