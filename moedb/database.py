@@ -72,6 +72,16 @@ def _embedder_record(emb) -> dict[str, Any]:
     return {"name": emb.name, "dim": int(emb.dim), "kind": kind, "model": model}
 
 
+def _own_centroid(row: dict[str, Any]) -> Optional[np.ndarray]:
+    """Mean of an expert row's own documents ``(d,)`` float32, read-only (the cache and every Expert
+    handed out share it); ``None`` without documents."""
+    if not row["size"]:
+        return None
+    c = (row["vec_sum"] / row["size"]).astype(np.float32)
+    c.flags.writeable = False
+    return c
+
+
 def _check_name(name: Any, what: str = "expert name") -> str:
     if not isinstance(name, str) or not name.strip():
         raise InvalidInput(f"{what} must be a non-empty string")
@@ -263,10 +273,7 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
                 r = old[i]
                 r["parent_id"] = parent_id  # (deleting its parent sets it NULL without a version bump)
             else:
-                c = (r["vec_sum"] / r["size"]).astype(np.float32) if r["size"] else None
-                if c is not None:
-                    c.flags.writeable = False  # shared by the cache and every Expert handed out
-                r["own_centroid"] = c
+                r["own_centroid"] = _own_centroid(r)
             r["centroid"] = r["own_centroid"]  # (parent_centroids gives pure parents their subtree's)
             rows.append(r)
         names = {r["id"]: r["name"] for r in rows}
@@ -351,7 +358,7 @@ class Database(RoutingMixin, LifecycleMixin, AnalyticsMixin, AskMixin, TuneMixin
             # the new row alone (the next call refreshes the rest): adding thousands of experts stays linear
             row = self.store.expert_row(name)
         self._touch()
-        row["centroid"] = (row["vec_sum"] / row["size"]).astype(np.float32) if row["size"] else None
+        row["centroid"] = _own_centroid(row)
         return self._to_expert(row)
 
     def _check_generator(self, generator: dict) -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 from .errors import InvalidInput
 from .routing.ann import HnswIndex, exact_topk
 from .routing.balance import Balancer, load_figures
-from .routing.engine import Router, fingerprint, mix_context
+from .routing.engine import FIT_SETTINGS, Router, fingerprint, mix_context
 from .routing.gating import select
 from .routing.hybrid import HybridGate
 from .types import ExpertScore, Hit, RouteResult
@@ -19,8 +19,7 @@ from .vectors import as_matrix, normalize, to_blob
 
 def _fit_settings(settings: dict[str, Any]) -> str:
     """The settings a calibration depends on, as one string."""
-    return ";".join(f"{k}={settings.get(k)!r}" for k in ("gate_C", "gate_folds", "gate_max_iter", "refuse_rate",
-                                                         "lexical", "min_heldout", "gate_max_docs"))
+    return ";".join(f"{k}={settings.get(k)!r}" for k in FIT_SETTINGS + ("gate_max_docs",))
 
 
 class RoutingMixin:
@@ -79,7 +78,7 @@ class RoutingMixin:
         if stored is not None and stored[0] == key:
             router = Router(routable, self._experts, HybridGate.from_bytes(stored[1]), key)
         else:
-            router = self._fit_router(routable, key, previous=cur, recalibrate=False)
+            router = self._fit_router(routable, key, stored, previous=cur, recalibrate=False)
         self._attach_ann(router)
         router.seen = (self._experts, self._settings)
         self._router_cache = router
@@ -107,7 +106,9 @@ class RoutingMixin:
         total = int(g.figures_.get("changed_since_calibration", 0)) + changed
         return (g, total) if total <= share * len(routable) else (None, 0)
 
-    def _fit_router(self, routable: list[dict], key: str, previous=None, recalibrate: bool = True):
+    def _fit_router(self, routable: list[dict], key: str, stored: Optional[tuple], previous=None,
+                    recalibrate: bool = True):
+        """Fit and persist the gate; ``stored``: the file's stored gate, ``store.routing_get("gate")``."""
         docs, calib = {}, {}
         for eid, (rowids, texts, blob, tuned) in self.store.routing_documents([r["id"] for r in routable]).items():
             docs[eid] = (np.frombuffer(blob, dtype="<f4").reshape(len(rowids), self.dim).astype(np.float32), texts)
@@ -116,7 +117,6 @@ class RoutingMixin:
             calib = None  # no document trained the embedder: every one is held-out evidence
         # the gate stored in the file is the latest fit of any process: start from it (warm start, and the
         # calibration it may pass on) unless it is the one this connection already holds
-        stored = self.store.routing_get("gate")
         if stored is not None and (previous is None or stored[0] != previous.key):
             try:
                 g = HybridGate.from_bytes(stored[1])
@@ -172,7 +172,8 @@ class RoutingMixin:
             self._router_cache = None
             return {"experts": 0}
         key = fingerprint(routable, self._settings)
-        router = self._fit_router(routable, key, previous=self._router_cache, recalibrate=recalibrate)
+        router = self._fit_router(routable, key, self.store.routing_get("gate"), previous=self._router_cache,
+                                  recalibrate=recalibrate)
         self._attach_ann(router)
         self._router_cache = router
         return router.figures()

@@ -172,6 +172,11 @@ def _fsync_tree(folder: Path) -> None:
         _fsync_dir(Path(root))
 
 
+def _need_two_experts(n: int) -> None:
+    if n < 2:
+        raise InvalidInput("tune: needs at least two experts with documents (it learns what tells them apart)")
+
+
 @contextlib.contextmanager
 def _only_tune(lock: Optional[Path], what: str):
     """Hold an exclusive advisory lock on ``lock`` for the whole tune, so that a second tune of the same
@@ -233,13 +238,9 @@ class TuneMixin:
         if holdout is not None and not (isinstance(holdout, (int, float)) and not isinstance(holdout, bool)
                                         and 0 <= holdout < 1):
             raise InvalidInput(f"holdout must be in [0, 1), got {holdout!r}")
-        rec = self.store.get_meta("embedder") or {}
-        if rec.get("kind") != "sentence-transformers":
-            raise ConfigError(f"tune: this file's embedder {rec.get('name')!r} is not a sentence-transformers "
-                              "model (vectors-only files and custom embedders cannot be tuned)")
+        self._tunable_record()
         self._refresh()
-        if sum(1 for r in self._experts if r["size"]) < 2:
-            raise InvalidInput("tune: needs at least two experts with documents (it learns what tells them apart)")
+        _need_two_experts(sum(1 for r in self._experts if r["size"]))
         if out is not None and os.path.exists(os.path.abspath(os.fspath(out))):
             raise InvalidInput(f"tune: {os.path.abspath(os.fspath(out))} already exists (give a new folder for "
                                "the tuned model)")
@@ -253,10 +254,7 @@ class TuneMixin:
         from .embed import resolve
         from .embed_onnx import cache_dir, model_fingerprint
 
-        rec = self.store.get_meta("embedder") or {}
-        if rec.get("kind") != "sentence-transformers":  # (again: another process may have switched it)
-            raise ConfigError(f"tune: this file's embedder {rec.get('name')!r} is not a sentence-transformers "
-                              "model (vectors-only files and custom embedders cannot be tuned)")
+        rec = self._tunable_record()  # (read again under the lock)
         # retuning starts from the original model: {"model": ..., "relative_to_file": ...} of the base
         base_rec = rec.get("base") if rec.get("tuned") else {"model": rec.get("model"),
                                                              "relative_to_file": rec.get("relative_to_file", False)}
@@ -273,8 +271,7 @@ class TuneMixin:
         docs, fb = self.store.texts_to_embed()
         old_vecs = self.store.document_vectors([rid for rid, _, _ in docs], self.dim)
         eids = sorted({e for _, e, _ in docs})
-        if len(eids) < 2:
-            raise InvalidInput("tune: needs at least two experts with documents (it learns what tells them apart)")
+        _need_two_experts(len(eids))  # (again: another process may have removed some meanwhile)
         col = {e: j for j, e in enumerate(eids)}
         texts = [t for _, _, t in docs]
         labels = np.array([col[e] for _, e, _ in docs], dtype=np.int64)
@@ -301,9 +298,7 @@ class TuneMixin:
                 k += 1
                 folder = self.embedders_dir() / f"{name}-{k}"
         else:
-            folder = Path(os.path.abspath(os.fspath(out)))
-            if folder.exists():
-                raise InvalidInput(f"tune: {folder} already exists (give a new folder for the tuned model)")
+            folder = Path(os.path.abspath(os.fspath(out)))  # (checked not to exist before the lock)
         name = folder.name
 
         t0 = time.perf_counter()
@@ -360,6 +355,14 @@ class TuneMixin:
                 **{k: v for k, v in counts.items() if k != "documents"}}
 
     # ------------------------------------------------------------------ helpers
+    def _tunable_record(self) -> dict[str, Any]:
+        """The file's embedder record; ConfigError unless it is a sentence-transformers model."""
+        rec = self.store.get_meta("embedder") or {}
+        if rec.get("kind") != "sentence-transformers":
+            raise ConfigError(f"tune: this file's embedder {rec.get('name')!r} is not a sentence-transformers "
+                              "model (vectors-only files and custom embedders cannot be tuned)")
+        return rec
+
     def _record_path(self, folder: Path) -> tuple[str, bool]:
         """The model folder as the file records it: relative to the file's directory when inside it
         (the file and its embedders can then move together), else absolute."""

@@ -14,12 +14,16 @@ from .hierarchy import Tree, beam_candidates, node_centroids
 from .hybrid import COMPONENTS, FORMAT, HybridGate
 
 
+# the settings a fitted gate depends on (its stored key hashes them)
+FIT_SETTINGS = ("gate_C", "gate_folds", "gate_max_iter", "refuse_rate", "lexical", "min_heldout")
+
+
 def fingerprint(rows: Sequence[dict], settings: dict[str, Any]) -> str:
     """What a fitted gate depends on: routable experts (id, version) and the fit settings."""
     h = hashlib.sha1(f"gate-format={FORMAT};".encode())
     for r in rows:
         h.update(f"{r['id']}:{r['version']}:{int(bool(r.get('refuse')))};".encode())
-    for k in ("gate_C", "gate_folds", "gate_max_iter", "refuse_rate", "lexical", "min_heldout"):
+    for k in FIT_SETTINGS:
         h.update(f"{k}={settings.get(k)!r};".encode())
     return h.hexdigest()
 
