@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_routing import LookupEmbedder  # noqa: E402
-from clinc import OUT, SPLITS, embed_cached, find_shared, load_clinc  # noqa: E402
+from clinc import OUT, add_replica_experts, clinc_embedded, find_shared, vector_table  # noqa: E402
 from moedb.database import DEFAULTS  # noqa: E402
 
 REPLICAS = 40
@@ -47,6 +47,17 @@ def p50_blocks(db, key, va, vb, fn, items, block=50) -> tuple[float, float]:
     return float(np.median(ta)), float(np.median(tb))
 
 
+def with_and_without(db, key, threshold, fn):
+    """``(fn() with hnswlib from ``threshold`` items, fn() with exact search)``: setting ``key`` is
+    ``threshold``, then past any size; it is left at its default."""
+    db.configure(**{key: threshold})
+    a = fn()
+    db.configure(**{key: 10**9})
+    b = fn()
+    db.configure(**{key: DEFAULTS[key]})
+    return a, b
+
+
 def centroid_file(data, table, res):
     import moedb
 
@@ -56,15 +67,7 @@ def centroid_file(data, table, res):
     if fresh:
         t = time.perf_counter()
         db.configure(gate_folds=0, gate_max_iter=40, balance=False)
-        tr = data["train"]
-        lab = np.array(tr["labels"])
-        rng = np.random.default_rng(0)
-        for n in data["intents"]:
-            rows = rng.permutation(np.flatnonzero(lab == n))
-            for r in range(REPLICAS):
-                part = rows[r::REPLICAS]
-                db.add_expert(f"{n}#{r}", [{"text": tr["texts"][i], "id": str(i)} for i in part],
-                              vectors=tr["X"][part])
+        add_replica_experts(db, data, REPLICAS, seed=0)
         res["centroids_add_experts_s"] = time.perf_counter() - t  # 6,000 add_expert calls, one at a time
     return db
 
@@ -89,10 +92,8 @@ def main() -> None:
     if find_shared() is None:
         print("skip: CLINC150 not found under ../shared/data/clinc150")
         return
-    data = load_clinc()
-    for s in SPLITS:
-        data[s]["X"] = embed_cached(data[s]["texts"], f"clinc_{s}")
-    table = {t: v for s in SPLITS for t, v in zip(data[s]["texts"], data[s]["X"])}
+    data = clinc_embedded()
+    table = vector_table(data)
     te = data["test"]
     OUT.mkdir(parents=True, exist_ok=True)
     res: dict = {}
@@ -110,10 +111,7 @@ def main() -> None:
         return [[e.name for e in r.experts] for r in db.route_many(texts, top_k=2, k=0, log=False,
                                                                    min_confidence=0.0)]
 
-    ann = routes(te["texts"])
-    db.configure(ann_min_centroids=10**9)
-    exact = routes(te["texts"])
-    db.configure(ann_min_centroids=DEFAULTS["ann_min_centroids"])
+    ann, exact = with_and_without(db, "ann_min_centroids", DEFAULTS["ann_min_centroids"], lambda: routes(te["texts"]))
     intent = lambda name: name.split("#")[0]  # noqa: E731
     lab = te["labels"]
 
@@ -143,9 +141,7 @@ def main() -> None:
         return [[h.id for h in r.hits] for r in dbd.route_many(texts, top_k=1, k=10, log=False,
                                                                min_confidence=0.0)]
 
-    approx = hits(te["texts"])
-    dbd.configure(ann_min_docs=10**9)
-    full = hits(te["texts"])
+    approx, full = with_and_without(dbd, "ann_min_docs", 10_000, lambda: hits(te["texts"]))
     # the exhaustive baseline computed independently of route(): every document's cosine
     X = np.concatenate([data[s]["X"] for s in ("train", "val", "oos_train", "oos_val", "oos_test")])
     ids = [f"{s}:{i}" for s in ("train", "val", "oos_train", "oos_val", "oos_test") for i in range(len(data[s]["texts"]))]

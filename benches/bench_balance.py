@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_routing import LookupEmbedder  # noqa: E402
-from clinc import OUT, embed_cached, find_shared, load_clinc  # noqa: E402
+from clinc import OUT, add_replica_experts, embed_cached, find_shared, load_clinc, vector_table  # noqa: E402
 from moedb.database import DEFAULTS  # noqa: E402
 
 
@@ -31,15 +31,7 @@ def build(path, data, table, replicas, seed=0):
     db = moedb.connect(str(path), embedder=LookupEmbedder(table))
     if fresh:
         db.configure(gate_folds=2)
-        rng = np.random.default_rng(seed)
-        tr = data["train"]
-        lab = np.array(tr["labels"])
-        for n in data["intents"]:
-            rows = rng.permutation(np.flatnonzero(lab == n))
-            for r in range(replicas):
-                part = rows[r::replicas]
-                db.add_expert(f"{n}#{r}", [{"text": tr["texts"][i], "id": str(i)} for i in part],
-                              vectors=tr["X"][part])
+        add_replica_experts(db, data, replicas, seed)
     return db
 
 
@@ -93,7 +85,7 @@ def main():
     data = load_clinc()
     for s in ("train", args.split):
         data[s]["X"] = embed_cached(data[s]["texts"], f"clinc_{s}")
-    table = {t: v for s in ("train", args.split) for t, v in zip(data[s]["texts"], data[s]["X"])}
+    table = vector_table(data, ("train", args.split))
     path = OUT / f"bench_balance_r{args.replicas}.db"
     if args.fresh and path.exists():
         path.unlink()

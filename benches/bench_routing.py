@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from clinc import OUT, SPLITS, embed_cached, find_shared, load_clinc  # noqa: E402
+from clinc import OUT, SPLITS, clinc_embedded, embed_cached, find_shared, vector_table  # noqa: E402
 
 
 class LookupEmbedder:
@@ -232,10 +232,8 @@ def main() -> None:
     if find_shared() is None:
         print("skip: CLINC150 not found under ../shared/data/clinc150")
         return
-    data = load_clinc()
-    for s in SPLITS:
-        data[s]["X"] = embed_cached(data[s]["texts"], f"clinc_{s}")
-    table = {t: v for s in SPLITS for t, v in zip(data[s]["texts"], data[s]["X"])}
+    data = clinc_embedded()
+    table = vector_table(data)
     intents = data["intents"]
     tr_lab = np.array(data["train"]["labels"])
     groups = {n: np.flatnonzero(tr_lab == n).tolist() for n in intents}

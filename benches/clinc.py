@@ -91,6 +91,24 @@ def clinc_embedded(shared_dir: Optional[os.PathLike] = None) -> dict[str, Any]:
     return data
 
 
+def vector_table(data: dict[str, Any], splits: tuple[str, ...] = SPLITS) -> dict[str, np.ndarray]:
+    """``{text: vector}`` over the embedded ``splits`` (what the benches' lookup embedders serve)."""
+    return {t: v for s in splits for t, v in zip(data[s]["texts"], data[s]["X"])}
+
+
+def add_replica_experts(db, data: dict[str, Any], replicas: int, seed: int = 0) -> None:
+    """Deal every intent's train utterances at random into ``replicas`` near-equivalent experts
+    ``"<intent>#<r>"`` (their precomputed vectors), one ``add_expert`` call each."""
+    rng = np.random.default_rng(seed)
+    tr = data["train"]
+    lab = np.array(tr["labels"])
+    for n in data["intents"]:
+        rows = rng.permutation(np.flatnonzero(lab == n))
+        for r in range(replicas):
+            part = rows[r::replicas]
+            db.add_expert(f"{n}#{r}", [{"text": tr["texts"][i], "id": str(i)} for i in part], vectors=tr["X"][part])
+
+
 if __name__ == "__main__":
     if find_shared() is None:
         print(f"skip: CLINC150 not found under {DEFAULT_SHARED}")
