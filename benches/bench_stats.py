@@ -25,7 +25,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import moedb  # noqa: E402
-from moedb.analytics import imbalance  # noqa: E402
+from moedb.analytics.stats import imbalance  # noqa: E402
 
 OUT = os.path.join(HERE, "out")
 T0 = 1_700_000_000.0
@@ -41,7 +41,7 @@ def build(path: str, rows: int, vectors: bool, seed: int = 0) -> None:
     db = moedb.connect(path, embedder=moedb.VectorsOnly(8, name="synthetic"))
     for e in range(E):
         db.add_expert(f"expert-{e:03d}", [f"d{e}-{j}" for j in range(3)], vectors=rng.normal(size=(3, 8)))
-    ids = np.array([r["id"] for r in db.store.expert_rows()])
+    ids = np.array([r["id"] for r in db.store.experts.rows()])
     p = 1.0 / np.arange(1, E + 1) ** 1.1
     p /= p.sum()
     t = time.perf_counter()
@@ -61,7 +61,7 @@ def build(path: str, rows: int, vectors: bool, seed: int = 0) -> None:
                     "choices": [] if abst[i] else [(int(ids[a[i]]), 0, 0.5, float(conf[i])),
                                                    (int(ids[b[i]]), 1, 0.2, float((1 - conf[i]) / 2))]}
                    for i in range(n)]
-        db.store.log_routes(entries)
+        db.store.log.append(entries)
     db.store.conn.execute("ANALYZE")
     print(f"built {rows} routes in {time.perf_counter() - t:.1f}s ({rows / (time.perf_counter() - t):.0f} routes/s)")
     db.close()
@@ -114,7 +114,7 @@ def main() -> None:
     if not args.rebuild and os.path.exists(path):
         try:
             db = moedb.connect(path, embedder=moedb.VectorsOnly(8, name="synthetic"))
-            if db.store.query_log_count() != args.rows:
+            if db.store.log.count() != args.rows:
                 db.close()
                 db = None
         except moedb.MoedbError:
@@ -122,7 +122,7 @@ def main() -> None:
     if db is None:
         build(path, args.rows, args.vectors)
         db = moedb.connect(path, embedder=moedb.VectorsOnly(8, name="synthetic"))
-    names = {r["id"]: r["name"] for r in db.store.expert_rows()}
+    names = {r["id"]: r["name"] for r in db.store.experts.rows()}
     end = T0 + DAYS * 86400
     windows = [("all 30 days", None, None), ("last 7 days", end - 7 * 86400, None),
                ("one day", end - 2 * 86400, end - 86400)]

@@ -28,7 +28,7 @@ def pct(xs, p):
 
 def ingestion(n_passages: int) -> dict:
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "data")
-    from moedb.chunk import iter_files, read_passages
+    from moedb.ingest.chunk import iter_files, read_passages
 
     base = [p.text for f in iter_files([here]) for p in read_passages(f, 300)]
     texts = [f"{base[i % len(base)]} (variant {i})" for i in range(n_passages)]

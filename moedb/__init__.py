@@ -5,7 +5,7 @@
 >>> db.add_expert("security", ["JWT tokens expire after ..."])       # doctest: +SKIP
 >>> db.route("How do I fix a JWT auth bug?").experts                 # doctest: +SKIP
 """
-from .ask import Answer
+from .ask.service import Answer
 from .database import Database, connect
 from .embed import CallableEmbedder, SentenceTransformerEmbedder, VectorsOnly
 from .errors import (ConfigError, DimensionMismatch, DuplicateDocument, DuplicateExpert, EmbedderMismatch,

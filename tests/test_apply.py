@@ -49,11 +49,11 @@ def test_apply_creates_then_is_idempotent(db, spec_dir):
     assert {d["source"] for d in db.documents("sql")} == {"docs/sql/joins.md"}
     assert {d["id"] for d in db.documents("sql")} == {"docs/sql/joins.md#0", "docs/sql/joins.md#1"}
     snapshot = [(e.name, e.updated_at, e.size) for e in db.experts()]
-    log_before = db.store.query_log_count()
+    log_before = db.store.log.count()
     rep2 = db.apply_dir(str(spec_dir))
     assert rep2["created"] == rep2["updated"] == [] and sorted(rep2["unchanged"]) == ["databases", "sql"]
     assert [(e.name, e.updated_at, e.size) for e in db.experts()] == snapshot
-    assert db.store.query_log_count() == log_before
+    assert db.store.log.count() == log_before
 
 
 def test_apply_updates_fields_and_syncs_documents(db, spec_dir):

@@ -114,3 +114,67 @@ def test_db_from_environment(cli_db, tmp_path):
                        env={**os.environ, "MOEDB_DB": cli_db}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)) >= 4
+
+
+def test_add_expert_chunks_files_in_the_library(cli_db, tmp_path):
+    """``add-expert NAME PATHS`` hands the paths to the library: an empty folder is a one-line error."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli(["add-expert", "hollow", str(empty)], cli_db)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "no passages found in" in r.stderr and "Traceback" not in r.stderr
+    d = tmp_path / "notes"
+    d.mkdir()
+    (d / "a.md").write_text("Comets have icy nuclei.\n\nTheir tails point away from the Sun.\n")
+    r = run_cli(["add-expert", "comets", str(d), "--text", "Halley returns every 76 years.", "--no-refit",
+                 "--json"], cli_db)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["size"] >= 2
+    assert run_cli(["remove-expert", "comets"], cli_db).returncode == 0
+
+
+def test_set_generator_default_and_clear(cli_db):
+    r = run_cli(["set-generator", "--default", "--backend", "extractive", "--json"], cli_db)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["target"] == "default" and out["generator"]["backend"] == "extractive"
+    r = run_cli(["set-generator", "--default", "--clear", "--json"], cli_db)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"target": "default", "generator": None}
+    r = run_cli(["set-generator", "--default", "--clear"], cli_db)
+    assert r.returncode == 0 and "default: generator cleared" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["route"], "Missing argument"),                    # a missing argument
+    (["route", "q", "--top-k", "abc"], "--top-k"),      # a value of the wrong type
+    (["no-such-command"], "No such command"),           # an unknown command
+    (["route", "q", "--no-such-option"], "No such option"),  # an unknown option
+])
+def test_usage_errors_print_usage_and_exit_2(cli_db, args, message):
+    r = run_cli(args, cli_db)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert "Usage:" in r.stderr and message in r.stderr
+
+
+def test_python_dash_m_runs_the_same_command(cli_db):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "moedb.cli", "--db", cli_db, "list", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert {"security", "cooking"} <= {e["name"] for e in json.loads(r.stdout)}
+    r = subprocess.run([sys.executable, "-m", "moedb.cli", "--db", cli_db, "route"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_every_command_is_registered():
+    from moedb.cli import app
+
+    names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    assert names == {"init", "add-expert", "add-docs", "list", "show", "remove-expert", "route", "search",
+                     "feedback", "ingest-feedback", "retrain", "split", "merge", "rename", "optimize", "stats",
+                     "tune-embedder", "ask", "set-generator", "set-strategy", "apply"}

@@ -6,20 +6,30 @@ import subprocess
 import sys
 
 import moedb
-from conftest import run_cli
 
-HEAVY = ("torch", "sentence_transformers", "transformers", "sklearn", "scipy", "matplotlib", "llama_cpp",
-         "httpx", "mlx", "onnx")
+# The embedding stack a cold `moedb route` must never load: ONNX does the embedding instead.
+TORCH_STACK = ("torch", "sentence_transformers", "transformers")
+HEAVY = TORCH_STACK + ("sklearn", "scipy", "matplotlib", "llama_cpp", "httpx", "mlx", "onnx")
 
 
-def _heavy(modules) -> list[str]:
-    return sorted(m for m in modules if m.split(".")[0] in HEAVY)
+def _heavy(modules, names=HEAVY) -> list[str]:
+    return sorted(m for m in modules if m.split(".")[0] in names)
+
+
+def _imported(args: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run ``python -X importtime -m moedb.cli ARGS``; the process and the modules it imported."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "moedb.cli"] + args, capture_output=True,
+                         text=True, timeout=300)
+    mods = [ln.split("|")[-1].strip() for ln in out.stderr.splitlines() if ln.startswith("import time:")]
+    return out, mods
 
 
 def test_importing_moedb_and_its_cli_is_light():
-    code = "import sys, moedb, moedb.cli; print('\\n'.join(sys.modules))"
+    code = ("import sys, moedb, moedb.cli; from moedb.cli import common, experts, routing, lifecycle, stats, "
+            "generation; print('\\n'.join(sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert _heavy(out.stdout.split(), TORCH_STACK) == []
     assert _heavy(out.stdout.split()) == []
 
 
@@ -29,13 +39,13 @@ def test_warm_route_uses_onnx_and_imports_nothing_heavy(db_path, embedder):
                                    "Use OAuth scopes to limit what a token can do."])
         db.add_expert("cooking", ["Simmer the tomato sauce for twenty minutes.", "Knead the dough until smooth."])
     query = ["route", "how do I rotate the signing keys?", "--min-confidence", "0", "--json"]
-    first = run_cli(query, db_path)  # the first route may fit and persist the router
+    first, mods = _imported(["--db", db_path] + query)  # the first route may fit and persist the router
     assert first.returncode == 0, first.stderr
-    cmd = [sys.executable, "-X", "importtime", "-m", "moedb.cli", "--db", db_path] + query
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert _heavy(mods, TORCH_STACK) == [], "torch/transformers imported by the first route"
+    out, mods = _imported(["--db", db_path] + query)
     assert out.returncode == 0, out.stderr
-    mods = [ln.split("|")[-1].strip() for ln in out.stderr.splitlines() if ln.startswith("import time:")]
     assert "onnxruntime" in mods and "tokenizers" in mods          # the ONNX runtime did the embedding
+    assert _heavy(mods, TORCH_STACK) == [], "torch/transformers imported on the warm route path"
     assert _heavy(mods) == [], "heavy imports on the warm route path"
     r = json.loads(out.stdout)
     assert r["experts"][0]["name"] == "security"

@@ -68,7 +68,7 @@ def test_one_process_writes_while_another_routes(tmp_path):
     assert routes == 400 and bad == 0
     with moedb.connect(path, embedder=moedb.VectorsOnly(DIM)) as d:
         assert len(d.experts()) == 41
-        assert d.store.query_log_count() == 400  # every route of the reader was logged despite the writer
+        assert d.store.log.count() == 400  # every route of the reader was logged despite the writer
         # the reader's process saw the writer's new experts while it ran (cache refresh across processes)
         q = np.zeros(DIM)
         q[5] = 1.0

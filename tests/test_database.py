@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import moedb
-from moedb.chunk import split_text
+from moedb.ingest.chunk import split_text
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples" / "data"
 
@@ -91,12 +91,12 @@ def test_query_log_records_routes_and_can_be_turned_off(topical):
     assert entry["query"] == "JWT signature invalid"
     assert [c["expert"] for c in entry["choices"]] == [e.name for e in r.experts]
     assert entry["latency_ms"] > 0
-    n = topical.store.query_log_count()
+    n = topical.store.log.count()
     assert topical.route("anything at all", log=False).query_id is None
-    assert topical.store.query_log_count() == n
+    assert topical.store.log.count() == n
     with moedb.connect(topical.path, embedder=topical.embedder, log_queries=False) as quiet:
         quiet.route("no log please")
-    assert topical.store.query_log_count() == n
+    assert topical.store.log.count() == n
 
 
 def test_min_confidence_abstains_and_zero_never_abstains(topical):

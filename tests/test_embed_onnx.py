@@ -1,4 +1,4 @@
-"""The ONNX runtime of the bundled all-MiniLM-L6-v2 (moedb.embed_onnx).
+"""The ONNX runtime of the bundled all-MiniLM-L6-v2 (moedb.embed.onnx).
 
 Everything here is real: the bundled model, onnxruntime, tokenizers and sentence-transformers as
 the reference. Exports go to temporary cache directories.
@@ -170,7 +170,7 @@ def test_cache_is_reused_not_re_exported(tmp_path):
     mtimes = {k: p.stat().st_mtime_ns for k, p in files.items()}
     v2 = eo.OnnxMiniLMEmbedder(cache=str(tmp_path)).embed(probe)
     assert eo.EXPORTS == before + 1                       # same process: no second export
-    code = ("import moedb.embed_onnx as eo; eo.OnnxMiniLMEmbedder(cache=%r).embed(['x']); print(eo.EXPORTS)"
+    code = ("import moedb.embed.onnx as eo; eo.OnnxMiniLMEmbedder(cache=%r).embed(['x']); print(eo.EXPORTS)"
             % str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -205,7 +205,7 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, damage):
 
 
 def test_two_processes_exporting_at_once(tmp_path):
-    code = ("import moedb.embed_onnx as eo, numpy as np; v = eo.OnnxMiniLMEmbedder(cache=%r).embed(['a b c']);"
+    code = ("import moedb.embed.onnx as eo, numpy as np; v = eo.OnnxMiniLMEmbedder(cache=%r).embed(['a b c']);"
             "print(eo.EXPORTS, float(v[0, :4].sum()))" % str(tmp_path))
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]

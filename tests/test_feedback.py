@@ -9,7 +9,7 @@ import pytest
 import moedb
 from moedb.embed import VectorsOnly
 from moedb.errors import FileProblem, InvalidInput, UnknownExpert
-from moedb.lifecycle_feedback import parse_time
+from moedb.lifecycle.feedback import parse_time
 
 from conftest import run_cli
 

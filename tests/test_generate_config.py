@@ -149,4 +149,4 @@ def test_ask_refuses_unknown_strategy_and_bad_rounds(db):
         db.ask("apples?", strategy="weighted", rounds=2)
     with pytest.raises(ConfigError, match="options.min_score: not an option of the voting"):
         db.ask("apples?", strategy="voting", options={"min_score": 1})
-    assert db.store.query_log_count() == 0
+    assert db.store.log.count() == 0

@@ -306,11 +306,11 @@ def test_retrain_reports_figures_on_heldout_feedback(vdb):
     assert out["measured_on"] == "held-out feedback"
     assert 30 <= out["heldout_events"] <= 90 and out["training_events"] + out["heldout_events"] == 300
     assert out["before"]["events"] == out["heldout_events"] and out["before"]["accuracy"] == 1.0
-    held = set(vdb.store.feedback_rows(True, 200)[0].tolist())
-    train = set(vdb.store.feedback_rows(False, 200)[0].tolist())
+    held = set(vdb.store.feedback.rows(True, 200)[0].tolist())
+    train = set(vdb.store.feedback.rows(False, 200)[0].tolist())
     assert len(held) == out["heldout_events"] and not held & train
     assert len(vdb._feedback_examples()[0]) == out["training_events"]
-    assert vdb.store.last_retrain()["figures"]["heldout_events"] == out["heldout_events"]
+    assert vdb.store.feedback.last_retrain()["figures"]["heldout_events"] == out["heldout_events"]
     with pytest.raises(InvalidInput):
         vdb.retrain(holdout=1.0)
 

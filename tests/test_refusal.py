@@ -244,4 +244,4 @@ def test_refusal_expert_is_scored_on_the_beam_and_hnswlib_paths(vdb, mode):
         assert router._ann is not None  # the candidates really came from hnswlib
         # every query's candidates include the refusal expert, even when its centroids are not the nearest
         cands = router.ann_candidates(np.concatenate([cluster(rng, c, 2) for c in centers]), 1)
-        assert all(router.col[vdb.store.expert_id("off")] in c for c in cands)
+        assert all(router.col[vdb.store.experts.id_of("off")] in c for c in cands)

@@ -52,7 +52,7 @@ def test_gate_is_persisted_and_survives_reopening_without_refit(vdb, tmp_path):
     q = cluster(rng, centers[2], 5)
     before = [vdb.route(v, top_k=1, min_confidence=0.0, log=False) for v in q]
     assert all(r.experts[0].name == "c" for r in before)
-    (key, _, figures), stamp = vdb.store.routing_get("gate"), vdb.store.q1(
+    (key, _, figures), stamp = vdb.store.artefacts.get("gate"), vdb.store.q1(
         "SELECT updated_at FROM routing_state WHERE name='gate'")[0]
     assert figures["experts"] == 4 and figures["heldout"] >= 30
     path = vdb.path
@@ -81,12 +81,12 @@ print(db.store.q1("SELECT updated_at FROM routing_state WHERE name='gate'")[0])
 def test_route_reflects_every_added_expert_and_refits_lazily(vdb):
     rng = np.random.default_rng(1)
     fill(vdb, rng, ["a", "b"], n=10)
-    k1 = vdb.store.routing_key("gate") if vdb.route(unit(rng.normal(size=D)), log=False) else None
+    k1 = vdb.store.artefacts.key("gate") if vdb.route(unit(rng.normal(size=D)), log=False) else None
     c = unit(rng.normal(size=D))
     fill(vdb, rng, ["new"], n=10, centers=c[None])
     r = vdb.route(cluster(rng, c, 1)[0], top_k=1, min_confidence=0.0, log=False)
     assert r.experts[0].name == "new"
-    assert vdb.store.routing_key("gate") != k1
+    assert vdb.store.artefacts.key("gate") != k1
     vdb.remove_expert("new")
     r = vdb.route(cluster(rng, c, 1)[0], top_k=3, min_confidence=0.0, log=False)
     assert {e.name for e in r.experts} == {"a", "b"}
@@ -328,7 +328,7 @@ def test_large_experts_and_many_centroids_use_hnswlib_with_exact_level_recall(vd
     exact = vdb.route_many(list(Q), top_k=1, k=0, log=False)
     vdb.configure(ann_min_centroids=40)
     approx = vdb.route_many(list(Q), top_k=1, k=10, log=False)
-    assert "ann:centroids" in vdb.store.routing_names()
+    assert "ann:centroids" in vdb.store.artefacts.names()
     agree = np.mean([a.experts[0].name == b.experts[0].name for a, b in zip(exact, approx)])
     assert agree >= 0.99
     # documents inside large experts: hnswlib results equal the exhaustive search
@@ -337,7 +337,7 @@ def test_large_experts_and_many_centroids_use_hnswlib_with_exact_level_recall(vd
         want = vdb.search(q, k=10, experts=[r.experts[0].name])
         rec.append(len({h.id for h in r.hits} & {h.id for h in want}) / len(want))
     assert np.mean(rec) >= 0.99
-    assert any(n.startswith("ann:docs:") for n in vdb.store.routing_names())
+    assert any(n.startswith("ann:docs:") for n in vdb.store.artefacts.names())
     # an index persisted in the file is reused after documents change (synced, not stale)
     vdb.add_documents("e0", [f"new {j}" for j in range(5)], vectors=cluster(rng, centers[0], 5, spread=0.01))
     r = vdb.route(centers[0], top_k=1, k=5, log=False)

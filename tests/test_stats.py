@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moedb
-from moedb.analytics import bucket_width, imbalance
+from moedb.analytics.stats import bucket_width, imbalance
 from moedb.embed import VectorsOnly
 from moedb.errors import InvalidInput
 
@@ -51,7 +51,7 @@ def _make(path, n=400, seed=0):
                         "latency_ms": lat, "choices": choices})
         for k, v in zip(truth, (ts, abst, lat, top, conf, second)):
             truth[k].append(v)
-    qids = db.store.log_routes(entries)
+    qids = db.store.log.append(entries)
     return db, {k: np.array(v, dtype=object) for k, v in truth.items()}, qids
 
 
@@ -133,7 +133,7 @@ def test_feedback_success_rate_and_removed_experts(logged):
     db, t, qids = logged
     routed = [q for q, a in zip(qids, t["abst"]) if not a][:10]
     for i, q in enumerate(routed):
-        db.store.insert_feedback([(f"k{i}", q, "q", None, db._require("north")["id"], 1.0 if i < 7 else -1.0,
+        db.store.feedback.insert([(f"k{i}", q, "q", None, db._require("north")["id"], 1.0 if i < 7 else -1.0,
                                    T0 + i, 0, "test")])
     s = db.stats()
     north = next(e for e in s["experts"] if e["name"] == "north")

@@ -97,7 +97,7 @@ def test_vectors_and_metadata_round_trip(db_path):
         got = d.documents("e")
         assert [g["metadata"] for g in got] == md
         assert [(g["id"], g["source"], g["position"]) for g in got] == [(f"d{i}", "s.txt", i) for i in range(3)]
-        _, m = d.store.expert_vectors(d.store.expert_id("e"))
+        _, m = d.store.documents.vectors_of(d.store.experts.id_of("e"))
         from moedb.vectors import normalize
 
         np.testing.assert_allclose(m, v, atol=1e-6)
@@ -113,7 +113,7 @@ def test_property_vector_round_trip_is_normalised_exactly(tmp_path, vecs):
     p = str(tmp_path / f"p{uuid.uuid4().hex}.db")
     with vdb(p) as d:
         d.add_expert("e", [f"t{i}" for i in range(4)], vectors=vecs)
-        _, m = d.store.expert_vectors(d.store.expert_id("e"))
+        _, m = d.store.documents.vectors_of(d.store.experts.id_of("e"))
     expected = vecs.astype(np.float32) / np.linalg.norm(vecs.astype(np.float32), axis=1, keepdims=True)
     np.testing.assert_allclose(m, expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.linalg.norm(m, axis=1), 1.0, atol=1e-6)
@@ -226,7 +226,7 @@ def test_crash_of_the_process_mid_ingest_leaves_file_as_before(db_path, tmp_path
     script = textwrap.dedent(f"""
         import os, numpy as np, moedb
         d = moedb.connect({db_path!r}, embedder=moedb.VectorsOnly({DIM}))
-        orig = d.store.insert_documents
+        orig = d.store.documents.insert
         def crashing(eid, rows, vecs, on_conflict="error"):
             # write half of the rows, then die without commit or rollback
             cur = d.store.conn.cursor()
@@ -236,7 +236,7 @@ def test_crash_of_the_process_mid_ingest_leaves_file_as_before(db_path, tmp_path
                             " created_at) VALUES (?,?,?,?,?,?,?,0)", (eid, did, text, "{{}}", src, pos,
                             vecs[i].tobytes()))
             os._exit(9)
-        d.store.insert_documents = crashing
+        d.store.documents.insert = crashing
         v = np.random.default_rng(0).normal(size=(10000, {DIM}))
         d.add_documents("a", [f"doc {{i}}" for i in range(10000)], vectors=v)
     """)
@@ -245,7 +245,7 @@ def test_crash_of_the_process_mid_ingest_leaves_file_as_before(db_path, tmp_path
     assert snapshot(db_path) == before
     with vdb(db_path) as d:
         assert d.expert("a").size == 1
-        assert d.store.count_documents() == 1
+        assert d.store.documents.count() == 1
 
 
 def test_remove_expert_detaches_children_and_drops_documents(db_path):
@@ -257,7 +257,7 @@ def test_remove_expert_detaches_children_and_drops_documents(db_path):
         d.remove_expert("parent")
         assert d.expert("child").parent is None
         assert [e.name for e in d.experts()] == ["child"]
-        assert d.store.count_documents() == 1
+        assert d.store.documents.count() == 1
 
 
 def test_parent_cycle_refused(db_path):

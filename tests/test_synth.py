@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from moedb.ask import answer_scores
-from moedb.synth import STRATEGIES, normalize_answer
+from moedb.ask.synth import STRATEGIES, normalize_answer
 
 EX1 = {"backend": "extractive", "max_passages": 1}
 

@@ -11,7 +11,7 @@ import pytest
 
 import moedb
 from moedb.errors import ConfigError, EmbedderMismatch, FileProblem, InvalidInput
-from moedb.tune import split_holdout
+from moedb.lifecycle.finetune import split_holdout
 
 from conftest import run_cli
 
@@ -45,7 +45,7 @@ def tuned(tmp_path_factory, embedder):
     d = tmp_path_factory.mktemp("tune")
     path = str(d / "cards.db")
     db = build(path, None)  # the file's own embedder (bundled MiniLM), which is what can be tuned
-    before = {n: np.asarray(db.store.document_vectors(*_ids_dim(db, n))) for n in TOPICS}
+    before = {n: np.asarray(db.store.documents.vectors_by_rowid(*_ids_dim(db, n))) for n in TOPICS}
     db.add_expert("off_topic", ["what is the weather tomorrow", "tell me a joke", "who won the game last night",
                                 "play some music", "how tall is mount everest"], refuse=True)
     db.feedback("my amex got stolen", "card_lost", 1.0)
@@ -56,7 +56,7 @@ def tuned(tmp_path_factory, embedder):
 
 def _ids_dim(db, name):
     row = db._require(name)
-    ids, _ = db.store.expert_vectors(row["id"])
+    ids, _ = db.store.documents.vectors_of(row["id"])
     return list(ids), db.dim
 
 
@@ -86,7 +86,7 @@ def test_tune_reembeds_and_records(tuned, embedder):
         # every stored vector is the tuned model's embedding of its text, and differs from before
         for n in TOPICS:
             ids, dim = _ids_dim(db, n)
-            stored = db.store.document_vectors(ids, dim)
+            stored = db.store.documents.vectors_by_rowid(ids, dim)
             texts = [d["text"] for d in db.documents(n)]
             fresh = db.embedder.embed(texts)
             assert np.allclose((stored * fresh).sum(1), 1.0, atol=1e-4)
@@ -121,7 +121,7 @@ def test_tuning_pulls_documents_to_their_expert(tuned):
             ids, dim = _ids_dim(db, n)
             keep = [i for i, rid in enumerate(ids) if rid in trained]
             before.append(tuned["before"][n][keep])
-            after.append(db.store.document_vectors([ids[i] for i in keep], dim))
+            after.append(db.store.documents.vectors_by_rowid([ids[i] for i in keep], dim))
         assert cohesion(after) > cohesion(before) + 0.025
         b, a = tuned["out"]["holdout_accuracy_before"], tuned["out"]["holdout_accuracy_after"]
         assert a is not None and a >= b
@@ -404,6 +404,6 @@ def test_a_writer_with_the_old_model_cannot_write(tmp_path):
     db.store.expected_embedder = "a model the file no longer uses"
     n = db.store.q("SELECT COUNT(*) FROM documents")
     with pytest.raises(EmbedderMismatch, match="nothing was written"):
-        db.store.insert_documents(db._require("a")["id"], [("2", "y", {}, None, None)], np.ones((1, 4), np.float32))
+        db.store.documents.insert(db._require("a")["id"], [("2", "y", {}, None, None)], np.ones((1, 4), np.float32))
     assert db.store.q("SELECT COUNT(*) FROM documents") == n
     db.close()

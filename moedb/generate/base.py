@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import MoedbError
+from .schema import BaseConfig
 
 OnToken = Optional[Callable[[str], None]]
 
@@ -86,12 +87,12 @@ def format_passages(passages: Sequence[Any], max_chars: int) -> str:
     return "\n".join(out)
 
 
-def build_messages(req: GenRequest, config: dict) -> list[dict[str, str]]:
+def build_messages(req: GenRequest, config: BaseConfig) -> list[dict[str, str]]:
     """Chat messages ``[{"role": "system"|"user", "content": str}]`` for a request."""
     default = SYNTH_SYSTEM if req.role == "synthesizer" else DEFAULT_SYSTEM
-    system = (config.get("system_prompt") or default).replace("{expert}", req.expert or "general")
+    system = (config.system_prompt or default).replace("{expert}", req.expert or "general")
     parts = []
-    ctx = format_passages(req.passages, int(config.get("max_context_chars", 2000)))
+    ctx = format_passages(req.passages, config.max_context_chars)
     if ctx:
         parts.append("Context:\n" + ctx)
     if req.history:
@@ -113,6 +114,9 @@ def messages_to_prompt(messages: list[dict[str, str]]) -> str:
 class Generator:
     """Base class of the backends. Subclasses implement :meth:`_generate` (one attempt).
 
+    ``config`` is the backend's typed configuration (a :class:`~moedb.generate.schema.BaseConfig`
+    subclass, defaults filled in); build generators with :func:`moedb.generate.make_generator`.
+
     ``group_key()``: requests with equal keys share one local model and run one after the
     other in a single worker; ``adapter_key()`` orders them inside the group so an adapter
     is loaded/activated once per group instead of being swapped back and forth.
@@ -120,8 +124,8 @@ class Generator:
 
     backend = "base"
 
-    def __init__(self, config: dict):
-        self.config = dict(config)
+    def __init__(self, config: BaseConfig):
+        self.config = config
 
     def group_key(self) -> tuple:
         return ("independent", id(self))
@@ -134,9 +138,7 @@ class Generator:
 
     def generate(self, req: GenRequest, on_token: OnToken = None) -> Generation:
         """Generate with the configured timeout and retries; raises :class:`GenerationError`."""
-        retries = int(self.config.get("retries", 0))
-        timeout = float(self.config.get("timeout", 60.0))
-        backoff = float(self.config.get("retry_backoff", 0.2))
+        retries, timeout, backoff = self.config.retries, self.config.timeout, self.config.retry_backoff
         t0 = time.perf_counter()
         last: Optional[GenerationError] = None
         for attempt in range(1, retries + 2):

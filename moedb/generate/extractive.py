@@ -7,20 +7,31 @@ answers it was given, in order.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .base import GenerationError, Generation, GenRequest, Generator, OnToken
+from .schema import BaseConfig, setting
+
+
+@dataclass(frozen=True)
+class ExtractiveConfig(BaseConfig):
+    """``max_passages``: how many passages are quoted; ``max_chars``: the length of each quote."""
+
+    max_passages: int = setting(2, ge=1)
+    max_chars: int = setting(600, ge=1)
 
 
 class ExtractiveGenerator(Generator):
     """Quote the ``max_passages`` best passages (default 2), at most ``max_chars`` characters each."""
 
     backend = "extractive"
+    config: ExtractiveConfig
 
     def group_key(self) -> tuple:
         return ("extractive",)
 
     def _generate(self, req: GenRequest, on_token: OnToken, deadline: float) -> Generation:
-        n = int(self.config.get("max_passages", 2))
-        max_chars = int(self.config.get("max_chars", 600))
+        n, max_chars = self.config.max_passages, self.config.max_chars
         if req.role == "synthesizer":
             pieces = [" ".join(a.split()) for _, a in req.history if a.strip()]
             if not pieces:

@@ -18,9 +18,77 @@ import ctypes
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from .base import GenerationError, Generation, GenRequest, Generator, OnToken, build_messages, messages_to_prompt
+from .schema import BaseConfig, Mode, err, resolve_path, setting
+
+
+def _gguf_kv(p: str) -> Optional[dict[str, Any]]:
+    """Selected string metadata of a GGUF file, or None when the gguf package is absent."""
+    try:
+        import gguf
+    except ImportError:
+        return None
+    try:
+        r = gguf.GGUFReader(p)
+    except Exception as e:  # corrupt header, truncated file
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    out: dict[str, Any] = {}
+    for key in ("general.type", "general.architecture", "adapter.type"):
+        f = r.fields.get(key)
+        if f is not None and f.data:
+            out[key] = bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
+    return out
+
+
+def _gguf(name: str, value: Any, base_dir: Optional[str], adapter: bool) -> str:
+    """The absolute path of a readable GGUF file: a model, or (``adapter``) a LoRA adapter."""
+    p = resolve_path(name, value, base_dir)
+    if not os.path.exists(p):
+        raise err(name, f"no such file: {p}")
+    if not os.path.isfile(p):
+        raise err(name, f"not a file: {p}")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise err(name, f"cannot read {p} ({e.strerror or e})") from None
+    if magic != b"GGUF":
+        raise err(name, f"{p} is not a GGUF file")
+    try:
+        kv = _gguf_kv(p)
+    except ValueError as e:
+        raise err(name, f"cannot parse {'adapter ' if adapter else ''}{p} ({e})") from None
+    if kv is None:
+        return p
+    if not adapter and kv.get("general.type") == "adapter":
+        raise err(name, f"{p} is a LoRA adapter, not a model (put it in generator.lora)")
+    if adapter and (kv.get("general.type") != "adapter" or kv.get("adapter.type") != "lora"):
+        raise err(name, f"{p} is not a LoRA adapter (general.type={kv.get('general.type')!r}, "
+                        f"adapter.type={kv.get('adapter.type')!r})")
+    return p
+
+
+def gguf_model(name: str, value: Any, base_dir: Optional[str]) -> str:
+    return _gguf(name, value, base_dir, adapter=False)
+
+
+def gguf_lora(name: str, value: Any, base_dir: Optional[str]) -> str:
+    return _gguf(name, value, base_dir, adapter=True)
+
+
+@dataclass(frozen=True)
+class LlamaConfig(BaseConfig):
+    """A GGUF model, an optional LoRA adapter GGUF for it, and llama.cpp's context settings."""
+
+    model: str = setting("", check=gguf_model, required=True)
+    lora: Optional[str] = setting(None, check=gguf_lora)
+    lora_scale: float = 1.0
+    n_ctx: int = setting(2048, ge=16)
+    n_threads: Optional[int] = setting(None, ge=1)
+    mode: Mode = "auto"
 
 _POOL: dict[tuple, "_SharedModel"] = {}
 _POOL_LOCK = threading.Lock()
@@ -114,35 +182,33 @@ class LlamaGenerator(Generator):
     """A GGUF model (optionally with a LoRA adapter) run in-process by llama.cpp."""
 
     backend = "llama"
+    config: LlamaConfig
 
     def _key(self) -> tuple:
-        return (self.config["model"], int(self.config.get("n_ctx", 2048)), self.config.get("n_threads"))
+        return (self.config.model, self.config.n_ctx, self.config.n_threads)
 
     def group_key(self) -> tuple:
         return ("llama",) + self._key()
 
     def adapter_key(self) -> str:
-        return f"{self.config.get('lora') or ''}@{float(self.config.get('lora_scale', 1.0))}"
+        return f"{self.config.lora or ''}@{float(self.config.lora_scale)}"
 
     def describe(self) -> str:
-        lora = self.config.get("lora")
-        return f"llama {self.config['model']}" + (f" + {lora}" if lora else "")
+        lora = self.config.lora
+        return f"llama {self.config.model}" + (f" + {lora}" if lora else "")
 
     def _generate(self, req: GenRequest, on_token: OnToken, deadline: float) -> Generation:
         m = _shared(*self._key())
         cfg = self.config
-        max_tokens = int(cfg.get("max_tokens", 256))
         params: dict[str, Any] = {
-            "max_tokens": max_tokens, "temperature": float(cfg.get("temperature", 0.0)),
-            "top_p": float(cfg.get("top_p", 1.0)), "stop": list(cfg.get("stop", [])),
-            "seed": int(cfg.get("seed", 0)) + req.seed_offset,
+            "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "stop": list(cfg.stop), "seed": cfg.seed + req.seed_offset,
             "stopping_criteria": self.llama_stop(m, deadline),
         }
         messages = build_messages(req, cfg)
-        mode = cfg.get("mode", "auto")
-        chat = mode == "chat" or (mode == "auto" and m.has_chat_template)
+        chat = cfg.mode == "chat" or (cfg.mode == "auto" and m.has_chat_template)
         with m.lock:
-            m.activate(cfg.get("lora"), float(cfg.get("lora_scale", 1.0)))
+            m.activate(cfg.lora, float(cfg.lora_scale))
             try:
                 if chat:
                     text, pt, ct, fin = self._chat(m, messages, params, on_token)
@@ -154,9 +220,9 @@ class LlamaGenerator(Generator):
                 raise GenerationError(f"{type(e).__name__}: {e}", retryable=False) from None
             m.stats["generations"] += 1
         if time.perf_counter() > deadline:
-            raise GenerationError(f"timed out after {cfg.get('timeout', 60.0)} s", timed_out=True, retryable=False)
+            raise GenerationError(f"timed out after {cfg.timeout} s", timed_out=True, retryable=False)
         return Generation(text=text.strip(), prompt_tokens=pt, completion_tokens=ct, finish_reason=fin or "stop",
-                          citations=list(req.passages), info={"adapter": cfg.get("lora")})
+                          citations=list(req.passages), info={"adapter": cfg.lora})
 
     @staticmethod
     def llama_stop(m: _SharedModel, deadline: float):

@@ -9,22 +9,19 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..settings import FIT_SETTINGS, Settings
 from .gating import softmax
 from .hierarchy import Tree, beam_candidates, node_centroids
 from .hybrid import COMPONENTS, FORMAT, HybridGate
 
 
-# the settings a fitted gate depends on (its stored key hashes them)
-FIT_SETTINGS = ("gate_C", "gate_folds", "gate_max_iter", "refuse_rate", "lexical", "min_heldout")
-
-
-def fingerprint(rows: Sequence[dict], settings: dict[str, Any]) -> str:
+def fingerprint(rows: Sequence[dict], settings: Settings) -> str:
     """What a fitted gate depends on: routable experts (id, version) and the fit settings."""
     h = hashlib.sha1(f"gate-format={FORMAT};".encode())
     for r in rows:
         h.update(f"{r['id']}:{r['version']}:{int(bool(r.get('refuse')))};".encode())
     for k in FIT_SETTINGS:
-        h.update(f"{k}={settings.get(k)!r};".encode())
+        h.update(f"{k}={getattr(settings, k)!r};".encode())
     return h.hexdigest()
 
 
@@ -62,14 +59,14 @@ class Router:
 
     @staticmethod
     def fit(rows: list[dict], all_rows: list[dict], docs: dict[int, tuple[np.ndarray, list[str]]],
-            settings: dict[str, Any], feedback: Optional[tuple] = None, previous: Optional["Router"] = None,
+            settings: Settings, feedback: Optional[tuple] = None, previous: Optional["Router"] = None,
             key: str = "", calibration: Optional[dict[int, np.ndarray]] = None,
             calibrated: Optional[HybridGate] = None) -> "Router":
         """Fit the gate. ``docs[id] = (unit vectors (n, d), texts)``; ``feedback`` with expert *ids*;
         ``calibration[id]`` ``(n,)`` bool: the documents that may calibrate the gate (``None`` = all);
         ``calibrated``: a previous gate whose held-out calibration is kept (see :meth:`HybridGate.fit`)."""
         groups = [docs[r["id"]][0] for r in rows]
-        texts = [docs[r["id"]][1] for r in rows] if settings.get("lexical", True) else None
+        texts = [docs[r["id"]][1] for r in rows] if settings.lexical else None
         col = {r["id"]: j for j, r in enumerate(rows)}
         fb = None
         if feedback is not None and len(feedback[1]):
@@ -88,12 +85,9 @@ class Router:
                     W[:, col[r["id"]]] = previous.gate.coef_[:, j]
                     b[col[r["id"]]] = previous.gate.intercept_[j]
             warm = (W, b)
-        gate = HybridGate(C=float(settings.get("gate_C", 30.0)), folds=int(settings.get("gate_folds", 3)),
-                          refuse_rate=float(settings.get("refuse_rate", 0.03)),
-                          lexical=bool(settings.get("lexical", True)),
-                          max_iter=int(settings.get("gate_max_iter", 300)),
-                          min_heldout=int(settings.get("min_heldout", 30)),
-                          max_total_docs=int(settings.get("gate_max_docs", 20000)))
+        gate = HybridGate(C=float(settings.gate_C), folds=int(settings.gate_folds), refuse_rate=float(settings.refuse_rate),
+                          lexical=bool(settings.lexical), max_iter=int(settings.gate_max_iter),
+                          min_heldout=int(settings.min_heldout), max_total_docs=int(settings.gate_max_docs))
         gate.fit(groups, texts, keywords=[r.get("keywords") or [] for r in rows],
                  descriptions=[r.get("description") or "" for r in rows], feedback=fb, warm_start=warm,
                  refuse=[bool(r.get("refuse")) for r in rows],

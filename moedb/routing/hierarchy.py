@@ -5,7 +5,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .kmeans import spherical_kmeans
+from .kmeans import kmeans
 
 
 class Tree:
@@ -91,7 +91,7 @@ def node_centroids(tree: Tree, leaf_centroids: dict[int, np.ndarray], k: int = 8
         if len(parts) == 1 and i in leaf_centroids:
             out[i] = parts[0]
             continue
-        out[i] = spherical_kmeans(np.concatenate(parts), k, seed=seed + i)
+        out[i] = kmeans(np.concatenate(parts), k, seed=seed + i)[1]
     return out
 
 

@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..settings import DEFAULTS
 from .calibration import abstain_threshold, ece, fit_mix
 from .gating import log_softmax, logsumexp, softmax
 from .kmeans import max_per_owner, multi_centroids, owner_groups
@@ -58,9 +59,11 @@ class HybridGate:
     experts), ``figures_`` (dict).
     """
 
-    def __init__(self, C: float = 30.0, folds: int = 3, refuse_rate: float = 0.03, docs_per_centroid: int = 25,
-                 max_centroids: int = 8, max_fit_docs: int = 2000, lexical: bool = True, max_iter: int = 300,
-                 min_heldout: int = 30, max_total_docs: int = 20000, refuse_weight: float = 0.5, seed: int = 0):
+    def __init__(self, C: float = DEFAULTS.gate_C, folds: int = DEFAULTS.gate_folds,
+                 refuse_rate: float = DEFAULTS.refuse_rate, docs_per_centroid: int = 25, max_centroids: int = 8,
+                 max_fit_docs: int = 2000, lexical: bool = DEFAULTS.lexical, max_iter: int = DEFAULTS.gate_max_iter,
+                 min_heldout: int = DEFAULTS.min_heldout, max_total_docs: int = DEFAULTS.gate_max_docs,
+                 refuse_weight: float = 0.5, seed: int = 0):
         self.C = C
         self.folds = folds
         self.refuse_rate = refuse_rate

@@ -1,45 +1,37 @@
-"""Several centroids per expert: spherical k-means on an expert's unit document vectors (NumPy)."""
+"""The one k-means of moedb (scikit-learn's ``KMeans`` on unit vectors, centroids re-normalised: spherical
+k-means by the usual approximation), used for the gate's several centroids per expert, the hierarchy's node
+centroids and the split of an expert; plus the per-owner reductions over centroid scores."""
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
+from ..errors import InvalidInput
 
-def spherical_kmeans(X: np.ndarray, k: int, n_iter: int = 20, seed: int = 0) -> np.ndarray:
-    """Unit centroids ``(k', d)`` (``k' = min(k, n)``) of unit rows ``X`` ``(n, d)`` by cosine k-means.
 
-    Seeding is k-means++ on cosine distance with a fixed ``seed`` so results are reproducible.
+def kmeans(X: np.ndarray, k: int, seed: int = 0, n_init: int = 1, max_iter: int = 20
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """K-means of unit rows ``X`` ``(n, d)`` -> ``(labels (n,) int64 in 0..k'-1, unit centroids (k', d) float32)``.
+
+    ``k' = min(k, distinct rows of X)`` (at least 1 when ``n > 0``); every cluster is non-empty. Lloyd
+    iterations with k-means++ seeding (``n_init`` restarts, ``random_state=seed``: reproducible). The
+    defaults (one start, at most 20 iterations) are the gate's, which runs this once per expert per fit.
     """
     X = np.asarray(X, dtype=np.float32)
     n = len(X)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros((0, X.shape[1] if X.ndim == 2 else 0), np.float32)
     k = max(1, min(int(k), n))
-    if k == 1 or n == 0:
-        c = X.mean(axis=0, keepdims=True) if n else X[:0]
-        return _unit(c)
-    rng = np.random.default_rng(seed)
-    C = [X[rng.integers(n)]]
-    d2 = np.maximum(1.0 - X @ C[0], 0.0)
-    for _ in range(1, k):
-        p = d2 / d2.sum() if d2.sum() > 0 else np.full(n, 1.0 / n)
-        C.append(X[rng.choice(n, p=p)])
-        d2 = np.minimum(d2, np.maximum(1.0 - X @ C[-1], 0.0))
-    C = np.stack(C)
-    assign = None
-    for _ in range(n_iter):
-        new = np.argmax(X @ C.T, axis=1)
-        if assign is not None and np.array_equal(new, assign):
-            break
-        assign = new
-        for j in range(k):
-            members = X[assign == j]
-            if len(members):
-                C[j] = members.mean(axis=0)
-        C = _unit(C)
-    return C.astype(np.float32)
+    if k > 1:
+        k = min(k, len(np.unique(X, axis=0)))  # duplicate rows cannot make more clusters
+    if k == 1:
+        return np.zeros(n, np.int64), unit_rows(X.mean(axis=0, keepdims=True))
+    from sklearn.cluster import KMeans
 
-
-def _unit(C: np.ndarray) -> np.ndarray:
-    nrm = np.linalg.norm(C, axis=1, keepdims=True)
-    return (C / np.where(nrm > 0, nrm, 1.0)).astype(np.float32)
+    km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter, algorithm="lloyd",
+                random_state=int(seed) % 2**32).fit(X)
+    return km.labels_.astype(np.int64), unit_rows(km.cluster_centers_)
 
 
 def multi_centroids(groups: list[np.ndarray], docs_per_centroid: int = 25, max_centroids: int = 8,
@@ -54,7 +46,7 @@ def multi_centroids(groups: list[np.ndarray], docs_per_centroid: int = 25, max_c
         if len(X) == 0:
             continue
         k = int(np.clip(len(X) // max(docs_per_centroid, 1), 1, max_centroids))
-        c = spherical_kmeans(X, k, seed=seed + e)
+        _, c = kmeans(X, k, seed=seed + e)
         cs.append(c)
         owner.append(np.full(len(c), e, dtype=np.int32))
     if not cs:
@@ -82,3 +74,52 @@ def owner_groups(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     so = o[order]
     starts = np.flatnonzero(np.r_[True, so[1:] != so[:-1]])
     return order, starts, so[starts], ordered
+
+
+def unit_rows(m: np.ndarray) -> np.ndarray:
+    """Rows of ``m`` ``(n, d)`` scaled to unit length (zero rows stay zero)."""
+    n = np.linalg.norm(m, axis=1, keepdims=True)
+    return (m / np.where(n > 0, n, 1.0)).astype(np.float32)
+
+
+def choose_clusters(X: np.ndarray, n: Optional[int], max_n: Optional[int] = None, seed: int = 0,
+                    sample: int = 3000) -> tuple[np.ndarray, int, dict[int, float]]:
+    """K-means over unit vectors ``X`` ``(m, d)``; ``n=None`` picks k by the best cosine silhouette.
+
+    Candidates are ``2..max_n`` (default ``min(20, max(2, round(sqrt(m / 2))))``, the usual
+    rule of thumb). Returns ``(labels (m,) int64 in 0..k-1, k, {k: silhouette})``.
+    """
+    from sklearn.metrics import silhouette_score
+
+    m = len(X)
+    distinct = len(np.unique(X, axis=0))
+
+    def fit(k: int) -> np.ndarray:
+        return kmeans(X, k, seed, n_init=4, max_iter=300)[0]
+
+    if n is not None:
+        if n > distinct:
+            raise InvalidInput(f"cannot split {m} documents with {distinct} distinct vectors into {n} experts")
+        labels = fit(n)
+        sil = {n: float(silhouette_score(X, labels, metric="cosine", sample_size=min(sample, m),
+                                         random_state=seed))} if 2 <= n < m and len(set(labels)) > 1 else {}
+        return labels, n, sil
+    if distinct < 2:
+        raise InvalidInput("all documents have the same vector; there is nothing to split")
+    top = max_n if max_n is not None else min(20, max(2, int(round(np.sqrt(m / 2)))))
+    top = min(top, distinct, m - 1)
+    if top < 2:
+        return fit(2), 2, {}
+    best: tuple[float, int, Optional[np.ndarray]] = (-2.0, 2, None)
+    sil: dict[int, float] = {}
+    for k in range(2, top + 1):
+        labels = fit(k)
+        if len(set(labels)) < 2:
+            continue
+        s = float(silhouette_score(X, labels, metric="cosine", sample_size=min(sample, m), random_state=seed))
+        sil[k] = s
+        if s > best[0]:
+            best = (s, k, labels)
+    if best[2] is None:
+        return fit(2), 2, sil
+    return best[2], best[1], sil

@@ -1,0 +1,125 @@
+"""What every command area shares: opening ``--db``, JSON output, bars, progress bars, the console.
+
+Kept light: rich and numpy are imported only when a command actually draws or serialises.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import typer
+
+from ..errors import MoedbError
+
+JSON_OPT = typer.Option(False, "--json", help="Machine-readable JSON output.")
+REFIT_OPT = typer.Option(True, "--refit/--no-refit",
+                         help="Fit the router now, so the next `moedb route` does not pay for it.")
+
+
+def open_db(ctx: typer.Context, must_exist: bool = True):
+    """Open the database named by ``--db``; a missing file is an error except for ``init``."""
+    path = ctx.obj["db"]
+    if must_exist and path != ":memory:" and not os.path.exists(path):
+        raise MoedbError(f"no database at {path!r} (run `moedb init` or pass --db)")
+    import moedb
+
+    return moedb.connect(path)
+
+
+def warm_router(db, refit: bool) -> None:
+    """With ``--refit``: after a change of experts, do now what the next route would do (under a spinner)."""
+    if refit:
+        from rich.console import Console
+
+        with Console(stderr=True).status("fitting the router"):
+            db.warm_router()
+
+
+def console():
+    from rich.console import Console
+
+    return Console()
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def bar(value: float, width: int = 20) -> str:
+    value = min(max(value, 0.0), 1.0)
+    full = int(round(value * width))
+    return "█" * full + "░" * (width - full)
+
+
+class progress_bar:
+    """A rich progress bar usable as the library's ``progress(done, total)`` callback (stderr)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self._p = None
+        self._task = None
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self._p = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                           TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self._p.__enter__()
+        self._task = self._p.add_task(self.label, total=None)
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        self._p.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        self._p.__exit__(*exc)
+
+
+class LazyBar:
+    """A progress bar that appears on the first progress report (so an early error prints alone)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(self.label).__enter__()
+        self.bar(done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+class StageBar:
+    """``progress(stage, done, total)``: one transient bar per stage (for tune-embedder)."""
+
+    def __init__(self):
+        self.stage = None
+        self.bar = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = progress_bar(stage).__enter__()
+        self.bar(done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None

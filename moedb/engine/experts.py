@@ -1,0 +1,228 @@
+"""Experts and their documents: create, change, remove, add and list, each write one transaction.
+
+Arguments are checked before the first write; documents are embedded before the transaction opens
+(with the file's current embedder), so a failure leaves the file as it was.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import InvalidInput, UnknownExpert
+from ..generate import validate_config
+from ..ingest.chunk import Passage, iter_files, read_passages
+from ..store import Store
+from ..types import Expert
+from ..vectors import as_matrix, normalize
+from .catalog import Catalog, own_centroid
+from .embedding import FileEmbedder
+
+Document = Union[str, dict, Passage]
+Progress = Optional[Callable[[int, int], None]]
+
+
+def check_name(name: Any, what: str = "expert name") -> str:
+    """``name`` if it is a usable expert name; :class:`InvalidInput` naming ``what`` otherwise."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInput(f"{what} must be a non-empty string")
+    if name != name.strip() or any(ord(c) < 32 for c in name):
+        raise InvalidInput(f"{what} {name!r} has leading/trailing spaces or control characters")
+    return name
+
+
+def check_refuse(refuse: Any, parent: Optional[str]) -> bool:
+    """The refusal role as bool; a refusal expert has no parent."""
+    if not isinstance(refuse, (bool, np.bool_)):
+        raise InvalidInput(f"refuse must be True or False, got {refuse!r}")
+    if refuse and parent is not None:
+        raise InvalidInput("a refusal expert cannot have a parent (it is not part of the tree)")
+    return bool(refuse)
+
+
+def check_generator(generator: Any) -> dict:
+    """A validated generator configuration (``ConfigError`` naming the bad field)."""
+    return validate_config(generator)
+
+
+def passages_of(paths: Any, chunk_size: int) -> list[Passage]:
+    """The passages of files or folders (one path or a list); an error when there are none."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    passages = [p for f in iter_files(list(paths)) for p in read_passages(f, chunk_size)]
+    if not passages:
+        raise InvalidInput("no passages found in " + ", ".join(map(str, paths)))
+    return passages
+
+
+def to_expert(row: dict[str, Any]) -> Expert:
+    """The public :class:`Expert` of a catalog row (metadata and generator are copies)."""
+    return Expert(name=row["name"], description=row["description"], keywords=list(row["keywords"]),
+                  parent=row["parent"], size=row["size"], metadata=copy.deepcopy(row["metadata"]),
+                  generator=copy.deepcopy(row["generator"]), created_at=row["created_at"],
+                  updated_at=row["updated_at"], centroid=row.get("centroid"), refuse=bool(row.get("refuse")))
+
+
+class ExpertEditor:
+    """The experts of one file and their documents."""
+
+    def __init__(self, store: Store, catalog: Catalog, embedding: FileEmbedder):
+        self.store = store
+        self.catalog = catalog
+        self.embedding = embedding
+
+    def experts(self) -> list[Expert]:
+        """All experts, in creation order."""
+        self.catalog.refresh()
+        return [to_expert(r) for r in self.catalog.rows]
+
+    def expert(self, name: str) -> Expert:
+        """One expert by name; raises :class:`UnknownExpert`."""
+        return to_expert(self.catalog.require(name))
+
+    def check_parent(self, parent: Optional[str], child: Optional[str] = None) -> Optional[int]:
+        if parent is None:
+            return None
+        check_name(parent, "parent name")
+        self.catalog.refresh()
+        if parent not in self.catalog.by_name:
+            raise UnknownExpert(parent, role="parent expert")
+        if self.catalog.by_name[parent].get("refuse"):
+            raise InvalidInput(f"{parent!r} is a refusal expert and cannot be a parent")
+        if child is not None:
+            node: Optional[str] = parent
+            while node is not None:
+                if node == child:
+                    raise InvalidInput(f"setting {parent!r} as parent of {child!r} would create a cycle")
+                node = self.catalog.by_name[node]["parent"]
+        return self.catalog.by_name[parent]["id"]
+
+    def add_expert(self, name: str, documents: Optional[Sequence[Document]] = None, *, description: str = "",
+                   keywords: Optional[Sequence[str]] = None, parent: Optional[str] = None,
+                   metadata: Optional[dict] = None, vectors: Optional[np.ndarray] = None,
+                   generator: Optional[dict] = None, progress: Progress = None, refuse: bool = False,
+                   files: Optional[Sequence[str]] = None, chunk_size: int = 1000) -> Expert:
+        """Create an expert, optionally with documents, in one transaction.
+
+        ``files``: files or folders (.txt/.md split paragraph-aware into passages of at most ``chunk_size``
+        characters, .jsonl one document per line) whose passages join ``documents``.
+
+        ``refuse=True`` makes a *refusal expert*: its documents are examples of queries that none of the
+        experts should answer. It joins the gate as one more class but is never selected; a route whose
+        best match it is abstains (``r.refused_by``), and it sharpens the scope rule for everything else.
+        """
+        check_name(name)
+        refuse = check_refuse(refuse, parent)
+        kw = [str(k) for k in (keywords or [])]
+        if metadata is not None and not isinstance(metadata, dict):
+            raise InvalidInput("metadata must be a dict")
+        gen = check_generator(generator) if generator is not None else None
+        parent_id = self.check_parent(parent)
+        if files:
+            documents = list(documents or []) + passages_of(files, chunk_size)
+        self.catalog.refresh()  # embed with the file's current embedder (another process may have tuned it)
+        prepared = self.prepare(documents or [], vectors, progress) if documents or vectors is not None else None
+        with self.store.atomic():
+            eid = self.store.experts.insert(name, description or "", kw, parent_id, metadata or {}, gen, refuse)
+            if prepared:
+                self.store.documents.insert(eid, *prepared)
+            # the new row alone (the next call refreshes the rest): adding thousands of experts stays linear
+            row = self.store.experts.row(name)
+        self.catalog.touch()
+        row["centroid"] = own_centroid(row)
+        return to_expert(row)
+
+    def update_expert(self, name: str, *, description: Optional[str] = None, keywords: Optional[Sequence[str]] = None,
+                      parent: Any = ..., metadata: Optional[dict] = None, refuse: Optional[bool] = None) -> Expert:
+        """Change an expert's description, keywords, parent (``None`` detaches), metadata or refusal role."""
+        row = self.catalog.require(name)
+        fields: dict[str, Any] = {}
+        if refuse is not None or parent is not ...:  # the role and the parent as they will be
+            will_refuse = check_refuse(row["refuse"] if refuse is None else refuse,
+                                        row["parent"] if parent is ... else parent)
+        if refuse is not None:
+            fields["refuse"] = int(will_refuse)
+            if will_refuse and self.store.experts.children(row["id"]):
+                raise InvalidInput(f"{name!r} has children: a refusal expert cannot be a parent")
+        if description is not None:
+            fields["description"] = description
+        if keywords is not None:
+            fields["keywords"] = [str(k) for k in keywords]
+        if metadata is not None:
+            fields["metadata"] = metadata
+        if parent is not ...:
+            fields["parent_id"] = self.check_parent(parent, child=name)
+        self.store.experts.update(row["id"], **fields)
+        self.catalog.touch()
+        return self.expert(name)
+
+    def remove_expert(self, name: str) -> None:
+        """Delete an expert and its documents; its children become roots."""
+        row = self.catalog.require(name)
+        self.store.experts.delete(row["id"])
+        self.catalog.touch()
+
+    def prepare(self, documents: Sequence[Document], vectors: Optional[np.ndarray], progress: Progress,
+                 batch: int = 256) -> tuple[list[tuple], np.ndarray]:
+        """Normalise documents to rows and compute/validate their vectors (before any write)."""
+        if isinstance(documents, (str, dict)):
+            documents = [documents]
+        rows = []
+        for i, d in enumerate(documents):
+            if isinstance(d, Passage):
+                text, did, md, src, pos = d.text, d.id, d.metadata, d.source, d.position
+            elif isinstance(d, str):
+                text, did, md, src, pos = d, None, {}, None, None
+            elif isinstance(d, dict):
+                text, did = d.get("text"), d.get("id")
+                md, src, pos = d.get("metadata") or {}, d.get("source"), d.get("position")
+                if not isinstance(md, dict):
+                    raise InvalidInput(f"document #{i}: metadata must be a dict")
+            else:
+                raise InvalidInput(f"document #{i}: expected str or dict with 'text', got {type(d).__name__}")
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidInput(f"document #{i}: empty text")
+            if did is None:
+                did = f"{src}#{pos}" if src is not None and pos is not None else \
+                    hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+            rows.append((str(did), text, md, src, pos))
+        ids = [r[0] for r in rows]
+        if len(set(ids)) != len(ids):
+            dup = next(x for x in ids if ids.count(x) > 1)
+            raise InvalidInput(f"document id {dup!r} appears twice in this call")
+        if vectors is not None:
+            v = as_matrix(vectors, self.embedding.dim, what="vectors")
+            if v.shape[0] != len(rows):
+                raise InvalidInput(f"{v.shape[0]} vectors given for {len(rows)} documents")
+            return rows, normalize(v)
+        return rows, self.embedding.embed_batches([r[1] for r in rows], progress, batch)
+
+    def add_documents(self, name: str, documents: Sequence[Document], vectors: Optional[np.ndarray] = None, *,
+                      on_conflict: str = "error", progress: Progress = None) -> int:
+        """Add documents to an expert in one transaction; returns how many were added."""
+        row = self.catalog.require(name)
+        prepared = self.prepare(documents, vectors, progress)
+        n = self.store.documents.insert(row["id"], *prepared, on_conflict=on_conflict)
+        self.catalog.touch()
+        return n
+
+    def add_files(self, name: str, paths: Sequence[str], *, chunk_size: int = 1000, on_conflict: str = "error",
+                  progress: Progress = None) -> int:
+        """Split files (or directories of .txt/.md/.jsonl) into passages and add them in one transaction."""
+        self.catalog.require(name)
+        return self.add_documents(name, passages_of(paths, chunk_size), on_conflict=on_conflict, progress=progress)
+
+    def remove_documents(self, name: str, ids: Sequence[str]) -> int:
+        """Remove documents by id; returns how many were removed."""
+        row = self.catalog.require(name)
+        n = self.store.documents.delete(row["id"], [str(i) for i in ids])
+        self.catalog.touch()
+        return n
+
+    def documents(self, name: str, limit: int = -1, offset: int = 0) -> list[dict[str, Any]]:
+        """An expert's documents (id, text, metadata, source, position)."""
+        row = self.catalog.require(name)
+        return [{k: v for k, v in d.items() if k != "rowid"} for d in self.store.documents.list(row["id"], limit, offset)]

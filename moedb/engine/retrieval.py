@@ -1,0 +1,89 @@
+"""Retrieval: the best passages inside given experts (exact inner products, or hnswlib inside experts of
+at least ``ann_min_docs`` documents), and the exhaustive :meth:`Retrieval.search` baseline."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import InvalidInput
+from ..routing.ann import HnswIndex, exact_topk
+from ..store import Store
+from ..types import Hit
+from .catalog import Catalog
+from .embedding import FileEmbedder
+from .queries import encode_queries
+
+
+class Retrieval:
+    """Passages of one file's experts; hnswlib indexes of large experts are cached per expert version."""
+
+    def __init__(self, store: Store, catalog: Catalog, embedding: FileEmbedder):
+        self.store = store
+        self.catalog = catalog
+        self.embedding = embedding
+        self._ann_docs: dict[int, tuple[int, Any]] = {}
+        self._epoch = catalog.epoch
+
+    def retrieve(self, q: np.ndarray, rows: list[dict], k: int, exact: bool = False) -> list[tuple[float, int, dict]]:
+        """Best ``k`` (score, rowid, expert row) inside the given experts; large experts use hnswlib unless ``exact``."""
+        cands: list[tuple[float, int, dict]] = []
+        big = np.inf if exact else int(self.catalog.settings.ann_min_docs)
+        for row in rows:
+            if row["size"] >= big:
+                lab, sim = self._doc_index(row).query(q, k)
+                cands += [(float(s), int(i), row) for i, s in zip(lab[0], sim[0])]
+                continue
+            ids, m = self.catalog.expert_docs(row)
+            if not len(ids):
+                continue
+            lab, sim = exact_topk(q, m, ids, k)
+            cands += [(float(s), int(i), row) for i, s in zip(lab[0], sim[0])]
+        cands.sort(key=lambda c: (-c[0], c[1]))
+        return cands[:k]
+
+    def _doc_index(self, row: dict):
+        """The hnswlib index of a large expert's documents: cached, else loaded and synced, then persisted."""
+        if self._epoch != self.catalog.epoch:  # the file was re-embedded: every index is stale
+            self._ann_docs, self._epoch = {}, self.catalog.epoch
+        cache = self._ann_docs.get(row["id"])
+        if cache is not None and cache[0] == row["version"]:
+            return cache[1]
+        name = f"ann:docs:{row['id']}"
+        ef = int(self.catalog.settings.ann_ef)
+        ids, m = self.catalog.expert_docs(row)
+        idx = cache[1] if cache is not None else None
+        if idx is None:
+            stored = self.store.artefacts.get(name)
+            if stored is not None:
+                f = stored[2]
+                idx = HnswIndex.from_bytes(stored[1], self.embedding.dim, np.asarray(f["labels"], np.int64), ef=ef,
+                                           deleted=int(f.get("deleted", 0)))
+                if stored[0] == str(row["version"]):
+                    self._ann_docs[row["id"]] = (row["version"], idx)
+                    return idx
+        if idx is None:
+            idx = HnswIndex(self.embedding.dim, ef=ef).fit(ids, m)
+        else:
+            idx.sync(ids, m)
+        self.store.artefacts.put(name, str(row["version"]), idx.to_bytes(),
+                                 {"labels": sorted(idx.labels_), "deleted": idx.deleted_, "ef": ef})
+        self._ann_docs[row["id"]] = (row["version"], idx)
+        return idx
+
+    def hits(self, cands: list[tuple[float, int, dict]]) -> list[Hit]:
+        """The passages of ``(score, rowid, expert row)`` candidates, in that order."""
+        docs = self.store.documents.by_rowid([c[1] for c in cands])
+        return [Hit(expert=row["name"], id=docs[rid]["id"], text=docs[rid]["text"], score=score,
+                    metadata=docs[rid]["metadata"], source=docs[rid]["source"])
+                for score, rid, row in cands if rid in docs]
+
+    def search(self, query: Union[str, np.ndarray], k: int = 10, experts: Optional[Sequence[str]] = None) -> list[Hit]:
+        """Exhaustive search over every document (or only the named experts): the baseline."""
+        self.catalog.refresh()
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidInput(f"k must be an integer >= 1, got {k!r}")
+        _, Q = encode_queries(self.embedding, [query])
+        rows = [self.catalog.require(n) for n in experts] if experts is not None else \
+            self.catalog.answering()
+        return self.hits(self.retrieve(Q[0], rows, k, exact=True))

@@ -1,0 +1,201 @@
+"""Routing a batch of queries: gate scores, abstention, top-k selection with load balancing, retrieval
+inside the chosen experts, explanations, and one log transaction per call."""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import InvalidInput
+from ..routing.engine import mix_context
+from ..routing.gating import select
+from ..store import Store
+from ..types import ExpertScore, RouteResult
+from ..vectors import to_blob
+from .balancing import Balancing
+from .catalog import Catalog
+from .embedding import FileEmbedder
+from .gate import GateService
+from .queries import check_context, check_route_args, encode_queries
+from .retrieval import Retrieval
+
+
+class RouteService:
+    """``route()`` and ``route_many()`` of one file, composed of the parts it needs.
+
+    ``log_queries``: the connection's override of the ``log_queries`` setting (``None``: the setting).
+    """
+
+    def __init__(self, store: Store, catalog: Catalog, embedding: FileEmbedder, gate: GateService,
+                 retrieval: Retrieval, balancing: Balancing, log_queries: Optional[bool] = None):
+        self.store = store
+        self.catalog = catalog
+        self.embedding = embedding
+        self.gate = gate
+        self.retrieval = retrieval
+        self.balancing = balancing
+        self._log_override = log_queries
+
+    def _beam_width(self, router) -> int:
+        b = self.catalog.settings.beam
+        if b is None:
+            return 3 if router.tree.has_structure() and len(router.rows) >= 1000 else 0
+        return int(b)
+
+    def _gate(self, Q: np.ndarray, texts: Optional[list[Optional[str]]]):
+        """Score queries ``(n, d)``: ``(router, components {name: (n, E)}, logits (n, E), conf (n, E), scored (n,),
+        scope (n,))``.
+
+        Candidates come from a beam over the tree, or hnswlib over the centroids, or all experts.
+        """
+        router = self.gate.current()
+        if router is None:
+            z = np.zeros((len(Q), 0))
+            return None, {}, z, z, np.zeros(len(Q), dtype=np.int64), np.full(len(Q), -np.inf)
+        width = self._beam_width(router)
+        cands = None
+        if width > 0:
+            cands = [router.beam(q, width)[0] for q in Q]
+        elif router._ann is not None:
+            cands = router.ann_candidates(Q, int(self.catalog.settings.ann_candidates))
+        comps, z, conf, mask, scope = router.score(Q, texts, cands)
+        return router, comps, z, conf, mask.sum(axis=1), scope
+
+    def _threshold(self, explicit: Optional[float], router) -> tuple[float, Optional[float]]:
+        """``(confidence threshold, scope threshold or None)``.
+
+        A ``min_confidence`` (the call's, else the database's) is a plain confidence rule. Without one,
+        the calibrated default applies: abstain when the query's scope is below the gate's calibrated
+        scope threshold; later experts must still reach the calibrated confidence threshold.
+        """
+        if explicit is None:
+            explicit = self.catalog.settings.min_confidence
+        if explicit is not None:
+            return float(explicit), None
+        if router is None:
+            return 0.0, None
+        ms = self.catalog.settings.min_scope
+        return float(router.gate.threshold_), float(router.gate.scope_threshold_ if ms is None else ms)
+
+    def route(self, query: Union[str, np.ndarray], top_k: int = 2, k: int = 5,
+              min_confidence: Optional[float] = None, *, log: Optional[bool] = None, explain: bool = False,
+              context: Optional[Sequence[str]] = None) -> RouteResult:
+        """Route one query (text or vector of shape ``(d,)``) to experts and retrieve passages.
+
+        ``min_confidence=None`` uses the database default: unless ``configure(min_confidence=...)`` set
+        one, the router abstains when the query's scope score (how much it looks like the experts'
+        documents) is below the threshold calibrated on held-out documents (``refuse_rate``). A number
+        is a plain rule on the top confidence; ``0.0`` never abstains.
+        ``explain=True`` fills each expert's ``components`` and ``r.explanation``; ``context``: earlier
+        turns of a conversation (list of str) mixed into the query.
+        """
+        if isinstance(query, (list, tuple)) and query and isinstance(query[0], str):
+            raise InvalidInput("route() takes one query; use route_many() for a list")
+        return self.route_many([query], top_k=top_k, k=k, min_confidence=min_confidence, log=log,
+                               explain=explain, context=context)[0]
+
+    def route_many(self, queries: Sequence[Union[str, np.ndarray]], top_k: int = 2, k: int = 5,
+                   min_confidence: Optional[float] = None, *, log: Optional[bool] = None, explain: bool = False,
+                   context: Optional[Sequence[str]] = None) -> list[RouteResult]:
+        """Route a batch of queries: one embedding call, vectorised gating, one log transaction."""
+        t0 = time.perf_counter()
+        self.catalog.refresh()
+        explicit = check_route_args(top_k, k, min_confidence)
+        ctx = check_context(context)
+        if isinstance(queries, np.ndarray) and queries.ndim == 2:
+            queries = list(queries)
+        if not len(queries):
+            return []
+        texts, Q = encode_queries(self.embedding, list(queries))
+        lex_texts: list[Optional[str]] = [t if t != "<vector>" else None for t in texts]
+        if ctx:
+            Q, lex_texts = self._with_context(Q, lex_texts, ctx)
+        router, comps, z, conf, scored, scope = self._gate(Q, [t or "" for t in lex_texts])
+        thr, scope_thr = self._threshold(explicit, router)
+        admit = scope >= scope_thr if scope_thr is not None else None
+        n, E = conf.shape
+        refused_by, exclude, z_sel = self._refusals(router, conf, z, thr, scope_thr)
+        if exclude is not None:
+            if admit is None:  # the confidence rule, over the experts that answer
+                admit = np.where(exclude[None, :], -np.inf, conf).max(axis=1) >= thr
+            admit = admit & np.array([b is None for b in refused_by], dtype=bool)
+        bal = self.balancing.balancer(router) if router is not None and self.catalog.settings.balance else None
+        results = []
+        for i in range(n):
+            adm = admit[i:i + 1] if admit is not None else None
+            if bal is not None:
+                sel = select(conf[i:i + 1], top_k, thr, bias=bal.bias, logits=z_sel[i:i + 1], blocked=bal.blocked(),
+                             admit=adm, exclude=exclude)[0]
+                bal.observe(z_sel[i], sel, top_k)
+            else:
+                sel = select(conf[i:i + 1], top_k, thr, admit=adm, exclude=exclude)[0] if E else np.zeros(0, np.int64)
+            rows = [router.rows[j] for j in sel]
+            es = [ExpertScore(router.rows[j]["name"], float(z[i, j]), float(conf[i, j])) for j in sel]
+            hits = self.retrieval.hits(self.retrieval.retrieve(Q[i], rows, k)) if rows and k else []
+            r = RouteResult(query=texts[i], experts=es, hits=hits, abstained=not es,
+                            scope=float(scope[i]) if np.isfinite(scope[i]) else None, refused_by=refused_by[i])
+            if rows:
+                r.path = router.path(rows[0]["id"])
+            if explain:
+                router.explain(r, comps, z[i], conf[i], i, sel, thr, bal.bias if bal is not None else None,
+                               int(scored[i]), lex_texts[i], len(ctx), float(scope[i]), scope_thr)
+            results.append(r)
+        elapsed = (time.perf_counter() - t0) * 1000.0 / len(results)
+        for r in results:
+            r.latency_ms = elapsed
+        save_balance = bal is not None and log is not False
+        logging = self._log_enabled(log)
+        if save_balance or logging:
+            with self.store.atomic():  # one commit per call for the balance state and the log together
+                if save_balance:
+                    self.balancing.save(router, bal)
+                if logging:
+                    self._log(results, Q)
+        return results
+
+    def _refusals(self, router, conf: np.ndarray, z: np.ndarray, thr: float, scope_thr: Optional[float]
+                  ) -> tuple[list[Optional[str]], Optional[np.ndarray], np.ndarray]:
+        """Per query the refusal expert that is its best match (``None`` if none), the ``(E,)`` mask of
+        refusal experts (``None`` without any) and the logits ``(n, E)`` with them at ``-inf`` for selection.
+
+        A refusal expert never answers; being the best match abstains, except under ``min_confidence=0.0``,
+        which never abstains.
+        """
+        n = len(conf)
+        if router is None or not len(router.refuse_cols):
+            return [None] * n, None, z
+        exclude = np.zeros(conf.shape[1], dtype=bool)
+        exclude[router.refuse_cols] = True
+        best = conf.argmax(axis=1) if conf.shape[1] else np.zeros(n, np.int64)
+        active = scope_thr is not None or thr > 0
+        refused = [router.rows[int(b)]["name"] if active and exclude[int(b)] else None for b in best]
+        return refused, exclude, np.where(exclude[None, :], -np.inf, z)
+
+    def _log_enabled(self, log: Optional[bool]) -> bool:
+        """The call's ``log=``, else ``connect(log_queries=...)``, else the database setting."""
+        if log is not None:
+            return bool(log)
+        return bool(self._log_override if self._log_override is not None else self.catalog.settings.log_queries)
+
+    def _log(self, results: list[RouteResult], Q: np.ndarray) -> None:
+        """Append the routes to the query log and set their ``query_id``."""
+        now = time.time()
+        keep_vec = self.catalog.settings.log_vectors
+        entries = [{
+            "ts": now, "query": r.query, "query_vec": to_blob(Q[i]) if keep_vec else None,
+            "abstained": r.abstained, "top_confidence": r.experts[0].confidence if r.experts else None,
+            "latency_ms": r.latency_ms,
+            "choices": [(self.catalog.by_name[e.name]["id"], rank, e.score, e.confidence) for rank, e in enumerate(r.experts)],
+        } for i, r in enumerate(results)]
+        for r, qid in zip(results, self.store.log.append(entries)):
+            r.query_id = qid
+
+    def _with_context(self, Q: np.ndarray, texts: list[Optional[str]], context: list[str]
+                      ) -> tuple[np.ndarray, list[Optional[str]]]:
+        """Mix the conversation into each query: ``q + w * sum_i 0.5^i c_i`` (latest turn first), renormalised.
+
+        ``w = context_weight``; the lexical signal sees the query plus the latest turn.
+        """
+        Q2 = mix_context(Q, self.embedding.embed(list(context)), float(self.catalog.settings.context_weight))
+        return Q2, [(t + " " + context[-1]) if t is not None else context[-1] for t in texts]
