@@ -69,7 +69,7 @@ def run(cmd: list[str], env: dict[str, str]) -> float:
 def build_db(path: str) -> None:
     """A small file built in this process with an ONNX cache of its own (the CLI's stays empty)."""
     import moedb
-    from moedb.embed.onnx import OnnxMiniLMEmbedder
+    from moedb.embed import OnnxMiniLMEmbedder
 
     emb = OnnxMiniLMEmbedder(cache=tempfile.mkdtemp(prefix="moedb-bench-build-"))
     with moedb.connect(path, embedder=emb) as db:
@@ -124,8 +124,7 @@ def sample_texts(n: int) -> tuple[list[str], str]:
 
 
 def bench_embedding(n_texts: int) -> dict:
-    from moedb.embed import SentenceTransformerEmbedder
-    from moedb.embed.onnx import OnnxMiniLMEmbedder
+    from moedb.embed import OnnxMiniLMEmbedder, SentenceTransformerEmbedder
 
     texts, source = sample_texts(n_texts)
     long_texts = [" ".join(texts[i:i + 80]) for i in range(0, 400, 80)]  # > 256 word pieces each

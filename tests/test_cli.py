@@ -117,12 +117,17 @@ def test_db_from_environment(cli_db, tmp_path):
 
 
 def test_add_expert_chunks_files_in_the_library(cli_db, tmp_path):
-    """``add-expert NAME PATHS`` hands the paths to the library: an empty folder is a one-line error."""
+    """``add-expert NAME PATHS`` hands the paths to the library: no passages is a one-line error."""
     empty = tmp_path / "empty"
     empty.mkdir()
     r = run_cli(["add-expert", "hollow", str(empty)], cli_db)
     assert r.returncode == 1, (r.stdout, r.stderr)
-    assert "no passages found in" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    (empty / "blank.md").write_text("\n\n")
+    r = run_cli(["add-expert", "hollow", str(empty)], cli_db)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: no passages found in") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "hollow" not in run_cli(["list"], cli_db).stdout
     d = tmp_path / "notes"
     d.mkdir()
     (d / "a.md").write_text("Comets have icy nuclei.\n\nTheir tails point away from the Sun.\n")

@@ -47,10 +47,10 @@ def test_feedback_on_logged_query_uses_logged_vector(vdb):
     r = vdb.route(q)
     out = vdb.feedback(r.query_id, "beta", 1)
     assert out["expert"] == "beta" and out["reward"] == 1.0 and not out["already_present"]
-    vecs, eids, rewards = vdb._feedback_examples()
+    vecs, eids, rewards = vdb.gate.feedback_examples()
     assert vecs.shape == (1, D) and vecs.dtype == np.float32
     np.testing.assert_allclose(vecs[0], q / np.linalg.norm(q), atol=1e-6)
-    assert eids.tolist() == [vdb._require("beta")["id"]] and rewards.tolist() == [1.0]
+    assert eids.tolist() == [vdb.catalog.require("beta")["id"]] and rewards.tolist() == [1.0]
     # an explicit id makes a second identical call a no-op
     a = vdb.feedback(r.query_id, "alpha", -1, id="evt-1")
     b = vdb.feedback(r.query_id, "alpha", -1, id="evt-1")
@@ -82,7 +82,7 @@ def test_text_feedback_is_embedded_once_and_stored(db, embedder):
     db.add_expert("travel", ["Book the train tickets early.", "Pack light for a weekend trip."])
     out = db.feedback("how long do I boil pasta", "cooking", 1)
     assert out["query_id"] is None
-    vecs, eids, rewards = db._feedback_examples()
+    vecs, eids, rewards = db.gate.feedback_examples()
     want = embedder.embed(["how long do I boil pasta"])[0]
     np.testing.assert_allclose(vecs[0], want / np.linalg.norm(want), atol=1e-5)
     stored = db.store.q1("SELECT query, query_vec FROM feedback")
@@ -170,8 +170,8 @@ def test_removed_experts_feedback_is_not_a_gate_example(vdb):
     vdb.feedback(r.query_id, "alpha", 1)
     vdb.feedback(r.query_id, "beta", -1)
     vdb.remove_expert("beta")
-    _, eids, rewards = vdb._feedback_examples()
-    assert eids.tolist() == [vdb._require("alpha")["id"]] and rewards.tolist() == [1.0]
+    _, eids, rewards = vdb.gate.feedback_examples()
+    assert eids.tolist() == [vdb.catalog.require("alpha")["id"]] and rewards.tolist() == [1.0]
 
 
 def test_cli_feedback_and_ingest(db_path, tmp_path):

@@ -1,6 +1,7 @@
 """Generator configuration is refused when it is set, with a message naming the field."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 
@@ -8,7 +9,7 @@ import pytest
 
 import moedb
 from moedb.errors import ConfigError, InvalidInput
-from moedb.generate import effective_config, validate_config
+from moedb.generate import BACKENDS, effective_config, make_generator, validate_config
 
 
 def _write_gguf_kv(path, general_type="model"):
@@ -109,6 +110,24 @@ def test_overlay_and_effective_config():
     assert effective_config({"backend": "extractive"}, base) == {"backend": "extractive"}
     with pytest.raises(ConfigError, match=r"generator\.model: unknown field for a generator without backend"):
         validate_config({"model": "x.gguf"})
+
+
+def test_registry_builds_typed_configs_with_defaults():
+    from moedb.generate.config import REGISTRY
+    from moedb.generate.schema import BaseConfig
+
+    assert BACKENDS == tuple(REGISTRY) == ("extractive", "llama", "mlx", "openai")
+    for name, (gen_cls, cfg_cls) in REGISTRY.items():
+        assert gen_cls.backend == name and issubclass(cfg_cls, BaseConfig) and dataclasses.is_dataclass(cfg_cls)
+    stored = validate_config({"backend": "openai", "base_url": "http://h:1/v1/", "stop": "END", "max_tokens": 7})
+    assert stored == {"backend": "openai", "base_url": "http://h:1/v1", "stop": ["END"], "max_tokens": 7}  # sparse
+    cfg = make_generator(stored).config
+    assert (cfg.base_url, cfg.stop, cfg.max_tokens, cfg.model, cfg.timeout, cfg.mode) == \
+        ("http://h:1/v1", ["END"], 7, "default", 60.0, "auto")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.max_tokens = 1
+    ov = make_generator(effective_config({"max_tokens": 3}, {"backend": "extractive", "max_passages": 1})).config
+    assert (ov.max_tokens, ov.max_passages, ov.max_chars) == (3, 1, 600)
 
 
 def test_database_refuses_bad_generators_at_set_time(db_path, embedder, tmp_path):

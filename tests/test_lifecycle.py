@@ -65,7 +65,7 @@ def test_split_given_n_moves_every_document_to_one_child(vdb):
     assert groups == [[0] * 10, [1] * 10, [2] * 10]
     # feedback on the parent followed the child nearest to its query (topic 1)
     eid = vdb.store.q1("SELECT expert_id FROM feedback")[0]
-    child = next(n for n in names if vdb._require(n)["id"] == eid)
+    child = next(n for n in names if vdb.catalog.require(n)["id"] == eid)
     assert {int(d["text"].split("-")[1]) // 10 for d in vdb.documents(child)} == {1}
 
 
@@ -121,8 +121,8 @@ def test_merge_conserves_documents_and_moves_references(vdb):
     # log references and feedback follow the target
     assert vdb.store.q1("SELECT count(*) FROM query_choices")[0] == n_choices
     assert {c["expert"] for c in vdb.query_log(r.query_id)["choices"]} <= {"ab", "b-child"}
-    _, eids, rewards = vdb._feedback_examples()
-    assert set(eids.tolist()) == {vdb._require("ab")["id"]} and sorted(rewards.tolist()) == [-1.0, 1.0]
+    _, eids, rewards = vdb.gate.feedback_examples()
+    assert set(eids.tolist()) == {vdb.catalog.require("ab")["id"]} and sorted(rewards.tolist()) == [-1.0, 1.0]
 
 
 def test_merge_into_an_existing_member_and_bad_input(vdb):
@@ -162,11 +162,11 @@ def test_rename_keeps_identity(vdb):
     vdb.add_expert("kid", ["z"], vectors=rng.normal(size=(1, D)), parent="old")
     r = vdb.route(rng.normal(size=D), top_k=2)
     vdb.feedback(r.query_id, "old", 1)
-    eid = vdb._require("old")["id"]
+    eid = vdb.catalog.require("old")["id"]
     assert vdb.rename_expert("old", "new") == {"old": "old", "new": "new", "id": eid}
-    assert vdb._require("new")["id"] == eid and vdb.expert("kid").parent == "new"
+    assert vdb.catalog.require("new")["id"] == eid and vdb.expert("kid").parent == "new"
     assert "new" in {c["expert"] for c in vdb.query_log(r.query_id)["choices"]}
-    assert vdb._feedback_examples()[1].tolist() == [eid]
+    assert vdb.gate.feedback_examples()[1].tolist() == [eid]
     snap = snapshot(vdb)
     with pytest.raises(DuplicateExpert):
         vdb.rename_expert("new", "kid")
@@ -221,14 +221,14 @@ def test_documents_are_conserved_through_any_splits_and_merges(ops, seed):
             try:
                 with db.store.atomic():
                     if op[0] == "split":
-                        db._split(names[op[1] % len(names)], op[2], None, None, seed)
+                        db.evolution.split(names[op[1] % len(names)], op[2], None, None, seed)
                     else:
                         picked = list(dict.fromkeys(names[i % len(names)] for i in op[1]))
                         into = picked[op[2] % len(picked)] if op[2] < 2 else f"m{made}"
                         made += 1
-                        db._merge(picked, into, None)
+                        db.evolution.merge(picked, into, None)
             except MoedbError:
-                db._touch()
+                db.catalog.touch()
                 assert snapshot(db) == before     # a refused operation changes nothing
             _check_invariants(db, vectors_by_text)
     finally:
@@ -309,7 +309,7 @@ def test_retrain_reports_figures_on_heldout_feedback(vdb):
     held = set(vdb.store.feedback.rows(True, 200)[0].tolist())
     train = set(vdb.store.feedback.rows(False, 200)[0].tolist())
     assert len(held) == out["heldout_events"] and not held & train
-    assert len(vdb._feedback_examples()[0]) == out["training_events"]
+    assert len(vdb.gate.feedback_examples()[0]) == out["training_events"]
     assert vdb.store.feedback.last_retrain()["figures"]["heldout_events"] == out["heldout_events"]
     with pytest.raises(InvalidInput):
         vdb.retrain(holdout=1.0)

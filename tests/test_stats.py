@@ -32,7 +32,7 @@ def _make(path, n=400, seed=0):
     names = ["north", "south", "east", "west"]
     for i, nm in enumerate(names):
         db.add_expert(nm, [f"{nm}{j}" for j in range(3)], vectors=np.eye(D)[i] + 0.1 * rng.normal(size=(3, D)))
-    ids = {nm: db._require(nm)["id"] for nm in names}
+    ids = {nm: db.catalog.require(nm)["id"] for nm in names}
     p = np.array([0.55, 0.25, 0.15, 0.05])
     truth = {"ts": [], "abst": [], "lat": [], "top": [], "conf": [], "second": []}
     entries = []
@@ -133,7 +133,7 @@ def test_feedback_success_rate_and_removed_experts(logged):
     db, t, qids = logged
     routed = [q for q, a in zip(qids, t["abst"]) if not a][:10]
     for i, q in enumerate(routed):
-        db.store.feedback.insert([(f"k{i}", q, "q", None, db._require("north")["id"], 1.0 if i < 7 else -1.0,
+        db.store.feedback.insert([(f"k{i}", q, "q", None, db.catalog.require("north")["id"], 1.0 if i < 7 else -1.0,
                                    T0 + i, 0, "test")])
     s = db.stats()
     north = next(e for e in s["experts"] if e["name"] == "north")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import moedb
-from moedb import db as dbmod
+from moedb.store import connection as dbmod
 from moedb.errors import (DimensionMismatch, DuplicateDocument, DuplicateExpert, EmbedderMismatch, InvalidInput,
                           InvalidVector, SchemaError, UnknownExpert)
 

@@ -55,7 +55,7 @@ def tuned(tmp_path_factory, embedder):
 
 
 def _ids_dim(db, name):
-    row = db._require(name)
+    row = db.catalog.require(name)
     ids, _ = db.store.documents.vectors_of(row["id"])
     return list(ids), db.dim
 
@@ -273,7 +273,7 @@ def test_crash_while_switching_rolls_back(tmp_path, monkeypatch):
     path, snap = _built(tmp_path, "crash.db")
     db = moedb.connect(path)
     calls = {"n": 0}
-    real = type(db.store).recompute_sum
+    real = type(db.store.documents).recompute_sum
 
     def failing(self, eid):
         calls["n"] += 1
@@ -281,7 +281,7 @@ def test_crash_while_switching_rolls_back(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         return real(self, eid)
 
-    monkeypatch.setattr(type(db.store), "recompute_sum", failing)
+    monkeypatch.setattr(type(db.store.documents), "recompute_sum", failing)
     with pytest.raises(OSError, match="disk full"):
         db.tune_embedder(epochs=1, batch_size=32)
     db.close()
@@ -404,6 +404,6 @@ def test_a_writer_with_the_old_model_cannot_write(tmp_path):
     db.store.expected_embedder = "a model the file no longer uses"
     n = db.store.q("SELECT COUNT(*) FROM documents")
     with pytest.raises(EmbedderMismatch, match="nothing was written"):
-        db.store.documents.insert(db._require("a")["id"], [("2", "y", {}, None, None)], np.ones((1, 4), np.float32))
+        db.store.documents.insert(db.catalog.require("a")["id"], [("2", "y", {}, None, None)], np.ones((1, 4), np.float32))
     assert db.store.q("SELECT COUNT(*) FROM documents") == n
     db.close()

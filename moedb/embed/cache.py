@@ -3,7 +3,7 @@
 The cache is ``$MOEDB_CACHE`` (default ``~/.cache/moedb``); exports go to its ``onnx/`` folder, named
 after a SHA-256 of the model's weights and config, so a different model never reuses one. An export is
 written to a fresh temporary folder and renamed into place, under a lock file, so two processes
-exporting at once are safe. A JSON sidecar records each file's size and CRC-32; a file that fails the
+exporting at once are safe (``filelock``). A JSON sidecar records each file's size and CRC-32; a file that fails the
 check is rebuilt.
 """
 from __future__ import annotations
@@ -53,28 +53,6 @@ def atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
-
-
-class FileLock:
-    """An exclusive lock on ``path`` (POSIX ``flock``; a no-op where unavailable)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: Optional[int] = None
-
-    def __enter__(self) -> "FileLock":
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            return self
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
-            self._fd = None
 
 
 # ---------------------------------------------------------------------- fingerprint
@@ -198,9 +176,12 @@ def cached_model(model_dir: str | os.PathLike, cache: Optional[Path] = None) -> 
     paths = cache_paths(model_dir, cache)
     if _valid(paths):
         return paths["onnx"]
+    from filelock import FileLock  # (imported only on a cache miss)
+
+    lock = FileLock(paths["lock"])
     try:
         paths["onnx"].parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(paths["lock"]).__enter__()
+        lock.acquire()
     except OSError as e:
         print(f"moedb: ONNX cache {paths['onnx'].parent} is not writable ({e}); building the export in memory",
               file=sys.stderr)
@@ -208,6 +189,6 @@ def cached_model(model_dir: str | os.PathLike, cache: Optional[Path] = None) -> 
     try:
         if not _valid(paths):  # else another process finished the export while we waited
             _export_into_cache(Path(model_dir), paths)
-        return paths["onnx"]
     finally:
-        lock.__exit__()
+        lock.release()
+    return paths["onnx"]

@@ -65,12 +65,32 @@ def check_pipeline(folder: Path) -> None:
             raise ConfigError(f"ONNX embedder: {folder} has a {m.get('type')} module; not supported")
 
 
-def st_max_length(folder: Path) -> int:
-    """The sentence-transformers ``max_seq_length`` of the folder (else 512, BERT's limit)."""
+def _json_field(path: Path, key: str) -> Any:
+    """``key`` of the JSON object in ``path``; None when the file, the key or the JSON is missing."""
     try:
-        return int(_read_json(folder / "sentence_bert_config.json")["max_seq_length"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 512
+        data = _read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def st_max_length(folder: Path) -> int:
+    """Word pieces per text, as sentence-transformers decides: ``max_seq_length`` of
+    ``sentence_bert_config.json`` (256 for the bundled model; sentence-transformers >= 6 no longer
+    writes it), else the tokenizer's ``model_max_length`` capped by the model's
+    ``max_position_embeddings`` (else 512, BERT's limit)."""
+    explicit = _json_field(folder / "sentence_bert_config.json", "max_seq_length")
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    limits = [_json_field(folder / "tokenizer_config.json", "model_max_length"),
+              _json_field(folder / "config.json", "max_position_embeddings")]
+    limits = [int(n) for n in limits if isinstance(n, (int, float)) and n > 0]
+    return min(limits, default=512)
+
+
+def st_lowercases(folder: Path) -> bool:
+    """Whether sentence-transformers lowercases texts first (``do_lower_case`` of ``sentence_bert_config.json``)."""
+    return _json_field(folder / "sentence_bert_config.json", "do_lower_case") is True
 
 
 # ---------------------------------------------------------------------- onnxruntime
@@ -89,12 +109,23 @@ def _session(source: str | bytes, threads: Optional[int]) -> Any:
 
 
 def _tokenizer(folder: Path, max_length: int) -> Any:
-    from tokenizers import Tokenizer
+    """The folder's ``tokenizer.json``, truncating to ``max_length`` word pieces, without padding, and
+    lowercasing first when sentence-transformers does (it adds the same normalizer)."""
+    from tokenizers import Tokenizer, normalizers
 
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok.enable_truncation(max_length=max_length)
     tok.no_padding()
+    if st_lowercases(folder) and not _has_lowercase(tok.normalizer):
+        tok.normalizer = normalizers.Sequence([normalizers.Lowercase()] + ([tok.normalizer] if tok.normalizer else []))
     return tok
+
+
+def _has_lowercase(normalizer: Any) -> bool:
+    from tokenizers import normalizers
+
+    parts = list(normalizer) if isinstance(normalizer, normalizers.Sequence) else [normalizer]
+    return any(isinstance(n, normalizers.Lowercase) for n in parts)
 
 
 def _padded(encs: list[Any], idx: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

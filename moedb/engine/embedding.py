@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..embed import SentenceTransformerEmbedder, VectorsOnly, resolve
+from ..embed import SentenceTransformerEmbedder, VectorsOnly, cache_dir, model_fingerprint, resolve
 from ..errors import ConfigError, EmbedderMismatch
 from ..store import Store
 from ..vectors import as_matrix, normalize
@@ -103,8 +103,6 @@ class FileEmbedder:
 
     def checked_model(self, rec: dict[str, Any]) -> str:
         """The recorded model folder, checked against its fingerprint when the file has one (tuned models)."""
-        from ..embed.onnx import cache_dir, model_fingerprint  # TODO(redesign): from ..embed once exported
-
         folder = self.model_path(rec)
         if rec.get("fingerprint"):
             if not folder.is_dir():

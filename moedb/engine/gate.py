@@ -31,7 +31,7 @@ class GateService:
         self._current: Any = None
         self._epoch = catalog.epoch
 
-    def _feedback_examples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def feedback_examples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Feedback as training examples for the gate: ``(vectors (m, d) float32, expert ids (m,) int64,
         rewards (m,) float64)``; reward > 0 makes the query an example of that expert, < 0 a counter-example.
         Events of removed experts and the share held out by the last retrain are left out."""
@@ -116,7 +116,7 @@ class GateService:
             except (ValueError, KeyError, OSError):
                 pass  # an unreadable stored gate: keep this connection's own previous one, if any
         keep, changed = (None, 0) if recalibrate else self._calibration_to_keep(routable, previous)
-        router = Router.fit(routable, self.catalog.rows, docs, self.catalog.settings, feedback=self._feedback_examples(),
+        router = Router.fit(routable, self.catalog.rows, docs, self.catalog.settings, feedback=self.feedback_examples(),
                             previous=previous, key=key, calibration=calib, calibrated=keep)
         router.gate.figures_.update(calibration_settings=self.catalog.settings.fit_key(),
                                     changed_since_calibration=changed)

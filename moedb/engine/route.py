@@ -3,7 +3,7 @@ inside the chosen experts, explanations, and one log transaction per call."""
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 

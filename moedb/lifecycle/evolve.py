@@ -40,12 +40,13 @@ class Evolution:
         ``{"expert", "n", "chosen_by", "silhouette", "children": [{"name", "size"}]}``.
         """
         with self.store.atomic():
-            out = self._split(name, n, names, max_n, seed)
+            out = self.split(name, n, names, max_n, seed)
             self.gate.refit()
         return out
 
-    def _split(self, name: str, n: Optional[int], names: Optional[Sequence[str]], max_n: Optional[int],
+    def split(self, name: str, n: Optional[int], names: Optional[Sequence[str]], max_n: Optional[int],
                seed: int) -> dict[str, Any]:
+        """The document moves of :meth:`split_expert` without the refit (the caller refits in its transaction)."""
         row = self.catalog.require(name)
         if row.get("refuse"):
             raise InvalidInput(f"{name!r} is a refusal expert: it is not split (it has no children)")
@@ -108,11 +109,12 @@ class Evolution:
         "moved": {"documents", "feedback", "log_choices"}, "created"}``.
         """
         with self.store.atomic():
-            out = self._merge(names, into, description)
+            out = self.merge(names, into, description)
             self.gate.refit()
         return out
 
-    def _merge(self, names: Sequence[str], into: str, description: Optional[str]) -> dict[str, Any]:
+    def merge(self, names: Sequence[str], into: str, description: Optional[str]) -> dict[str, Any]:
+        """The document moves of :meth:`merge_experts` without the refit (the caller refits in its transaction)."""
         if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
             raise InvalidInput("names must be a non-empty list of expert names")
         check_name(into, "target name")
@@ -288,9 +290,9 @@ class Evolution:
             with self.store.atomic():
                 for p in proposals:
                     if p["action"] == "merge":
-                        results.append(self._merge(p["experts"], p["into"], None))
+                        results.append(self.merge(p["experts"], p["into"], None))
                     elif p["action"] == "split":
-                        results.append(self._split(p["expert"], p["n"], None, None, seed))
+                        results.append(self.split(p["expert"], p["n"], None, None, seed))
                 if any(p["action"] == "retrain" for p in proposals):
                     results.append(self.feedback.retrain())
                 else:

@@ -20,7 +20,7 @@ Training needs PyTorch and sentence-transformers, the optional extra ``tune`` (`
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 

@@ -9,6 +9,7 @@ gate afterwards (``documents.tuned`` marks the others). One tune runs per file a
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from typing import Any, Iterator, Optional
 import filelock
 import numpy as np
 
-from ..embed import default_model_path, resolve
+from ..embed import cache_dir, default_model_path, model_fingerprint, resolve
 from ..engine.catalog import Catalog
 from ..engine.embedding import FileEmbedder
 from ..errors import ConfigError, FileProblem, InvalidInput
@@ -134,7 +135,6 @@ class Tuner:
             return self._tune(out, epochs, lr, batch_size, holdout, seed, progress)
 
     def _tune(self, out, epochs, lr, batch_size, holdout, seed, progress) -> dict[str, Any]:
-        from ..embed.onnx import cache_dir, model_fingerprint
 
         rec = self._tunable_record()  # (read again under the lock)
         # retuning starts from the original model: {"model": ..., "relative_to_file": ...} of the base

@@ -14,24 +14,49 @@ def kmeans(X: np.ndarray, k: int, seed: int = 0, n_init: int = 1, max_iter: int 
            ) -> tuple[np.ndarray, np.ndarray]:
     """K-means of unit rows ``X`` ``(n, d)`` -> ``(labels (n,) int64 in 0..k'-1, unit centroids (k', d) float32)``.
 
-    ``k' = min(k, distinct rows of X)`` (at least 1 when ``n > 0``); every cluster is non-empty. Lloyd
-    iterations with k-means++ seeding (``n_init`` restarts, ``random_state=seed``: reproducible). The
-    defaults (one start, at most 20 iterations) are the gate's, which runs this once per expert per fit.
+    scikit-learn's ``KMeans`` (Lloyd, k-means++ seeding, ``n_init`` starts, ``random_state=seed``: reproducible)
+    with its centroids scaled back to unit length. ``k' = min(k, distinct rows of X)`` (1 when ``n > 0``
+    and ``k < 2``), every cluster non-empty. The defaults (one start, at most 20 iterations) are the gate's,
+    which calls this for every expert on every fit: it runs on one OpenMP thread, as a problem this small
+    is slower on several (and much slower on a busy machine).
     """
     X = np.asarray(X, dtype=np.float32)
     n = len(X)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros((0, X.shape[1] if X.ndim == 2 else 0), np.float32)
-    k = max(1, min(int(k), n))
-    if k > 1:
-        k = min(k, len(np.unique(X, axis=0)))  # duplicate rows cannot make more clusters
+    k = _distinct_at_most(X, max(1, min(int(k), n)))
     if k == 1:
         return np.zeros(n, np.int64), unit_rows(X.mean(axis=0, keepdims=True))
     from sklearn.cluster import KMeans
 
-    km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter, algorithm="lloyd",
-                random_state=int(seed) % 2**32).fit(X)
+    with _one_thread():
+        km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter, algorithm="lloyd",
+                    random_state=int(seed) % 2**32).fit(X)
     return km.labels_.astype(np.int64), unit_rows(km.cluster_centers_)
+
+
+def _distinct_at_most(X: np.ndarray, k: int) -> int:
+    """``min(k, number of distinct rows of X)``, stopping as soon as ``k`` distinct rows are seen."""
+    seen: set[bytes] = set()
+    for row in X:
+        seen.add(row.tobytes())
+        if len(seen) >= k:
+            break
+    return len(seen)
+
+
+_CONTROLLER = None
+
+
+def _one_thread():
+    """A context limiting OpenMP (scikit-learn's k-means threads) to one thread; the controller that finds
+    the loaded libraries is built once (building it costs milliseconds, a limit through it microseconds)."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="openmp")
 
 
 def multi_centroids(groups: list[np.ndarray], docs_per_centroid: int = 25, max_centroids: int = 8,

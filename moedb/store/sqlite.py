@@ -8,7 +8,7 @@ SQL: a second backend implements the same interface (:mod:`moedb.store.base`).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -126,7 +126,6 @@ class SQLiteStore:
         without query text loses its vector (it cannot be re-embedded), the query log's vectors are
         cleared, fitted routing state is dropped, and ``record`` becomes the file's embedder.
         """
-        from ..errors import EmbedderMismatch
 
         with self.atomic():
             if expect is not None and self.get_meta("embedder") != expect:
