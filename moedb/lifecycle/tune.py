@@ -26,6 +26,7 @@ from ..engine.catalog import Catalog
 from ..engine.embedding import FileEmbedder
 from ..errors import ConfigError, FileProblem, InvalidInput
 from ..store import Store
+from ..vectors import F4
 from .finetune import (BATCH, LR, Progress, auto_epochs, auto_holdout, centroid_accuracy, fine_tune,
                        split_holdout)
 
@@ -216,7 +217,6 @@ class Tuner:
                                 "holdout": float(holdout), "seed": seed, "experts": len(eids),
                                 "trained": int(tr.sum()), "held_out": int(held.sum()),
                                 "holdout_accuracy_before": before, "holdout_accuracy_after": after}}
-            F4 = np.dtype("<f4")
             doc_vecs = {rid: (t, V[i].astype(F4).tobytes()) for i, (rid, _, t) in enumerate(docs)}
             fb_vecs = {fid: (q, V[len(texts) + i].astype(F4).tobytes()) for i, (fid, q) in enumerate(fb)}
             tuned_ids = {rid for (rid, _, _), h in zip(docs, held) if not h}

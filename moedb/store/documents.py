@@ -127,18 +127,10 @@ class DocumentTable:
     def by_rowid(self, rowids: Sequence[int]) -> dict[int, dict[str, Any]]:
         if not len(rowids):
             return {}
-        out = {}
-        ids = [int(r) for r in rowids]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for rid, eid, doc_id, text, md, source, position in self.db.q(
-                f"SELECT id, expert_id, doc_id, text, metadata, source, position FROM documents WHERE id IN ({marks})",
-                chunk,
-            ):
-                out[rid] = {"expert_id": eid, "id": doc_id, "text": text, "metadata": json.loads(md),
-                            "source": source, "position": position}
-        return out
+        rows = self.db.in_chunks("SELECT id, expert_id, doc_id, text, metadata, source, position FROM documents "
+                                 "WHERE id IN ({marks})", [int(r) for r in rowids])
+        return {rid: {"expert_id": eid, "id": doc_id, "text": text, "metadata": json.loads(md), "source": source,
+                      "position": position} for rid, eid, doc_id, text, md, source, position in rows}
 
     def list(self, expert_id: int, limit: int = -1, offset: int = 0) -> list[dict[str, Any]]:
         return [
@@ -151,25 +143,20 @@ class DocumentTable:
     def count(self) -> int:
         return self.db.q1("SELECT count(*) FROM documents")[0]
 
-    def for_fit(self, expert_ids: Sequence[int]
-                          ) -> dict[int, tuple[list[int], list[str], bytes, list[int]]]:
+    def for_fit(self, expert_ids: Sequence[int]) -> dict[int, tuple[list[int], list[str], bytes, list[int]]]:
         """``{expert_id: (rowids, texts, concatenated <f4 embeddings, tuned flags)}`` for fitting the gate."""
         out: dict[int, tuple[list[int], list[str], list[bytes], list[int]]] = {
             int(i): ([], [], [], []) for i in expert_ids}
         if not out:
             return {}
-        ids = list(out)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for rid, eid, text, emb, tuned in self.db.q(
-                    f"SELECT id, expert_id, text, embedding, tuned FROM documents WHERE expert_id IN ({marks}) "
-                    "ORDER BY id", chunk):
-                o = out[eid]
-                o[0].append(rid)
-                o[1].append(text)
-                o[2].append(emb)
-                o[3].append(tuned)
+        for rid, eid, text, emb, tuned in self.db.in_chunks(
+                "SELECT id, expert_id, text, embedding, tuned FROM documents WHERE expert_id IN ({marks}) ORDER BY id",
+                list(out)):
+            o = out[eid]
+            o[0].append(rid)
+            o[1].append(text)
+            o[2].append(emb)
+            o[3].append(tuned)
         return {i: (a, b, b"".join(c), t) for i, (a, b, c, t) in out.items()}
 
     def vectors_by_rowid(self, rowids: Sequence[int], dim: int) -> np.ndarray:

@@ -38,11 +38,7 @@ class ExpertTable:
         sql = f"SELECT {self._EXPERT_COLS} FROM experts e LEFT JOIN experts p ON p.id = e.parent_id"
         if ids is None:
             return [self._expert_dict(r) for r in self.db.q(sql + " ORDER BY e.id")]
-        ids = list(ids)
-        out = []
-        for s in range(0, len(ids), 500):
-            part = ids[s:s + 500]
-            out += self.db.q(sql + f" WHERE e.id IN ({','.join('?' * len(part))}) ORDER BY e.id", part)
+        out = self.db.in_chunks(sql + " WHERE e.id IN ({marks})", list(ids))
         return [self._expert_dict(r) for r in sorted(out)]
 
     def stamps(self) -> list[tuple[int, int, float, Optional[int]]]:

@@ -18,13 +18,7 @@ class FeedbackTable:
 
     def keys_present(self, keys: Sequence[str]) -> set[str]:
         """The subset of ``keys`` already stored as feedback event keys."""
-        found: set[str] = set()
-        keys = list(keys)
-        for s in range(0, len(keys), 500):
-            chunk = keys[s:s + 500]
-            marks = ",".join("?" * len(chunk))
-            found.update(r[0] for r in self.db.q(f"SELECT event_key FROM feedback WHERE event_key IN ({marks})", chunk))
-        return found
+        return {r[0] for r in self.db.in_chunks("SELECT event_key FROM feedback WHERE event_key IN ({marks})", keys)}
 
     def insert(self, rows: Sequence[tuple]) -> int:
         """Insert feedback rows in one transaction; returns how many were new.

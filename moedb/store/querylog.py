@@ -59,11 +59,6 @@ class QueryLog:
 
     def queries(self, query_ids: Sequence[int]) -> dict[int, tuple[str, Optional[bytes]]]:
         """``{query_id: (query text, query_vec bytes or None)}`` for the ids present in the log."""
-        out: dict[int, tuple[str, Optional[bytes]]] = {}
-        ids = [int(i) for i in query_ids]
-        for s in range(0, len(ids), 500):
-            chunk = ids[s:s + 500]
-            marks = ",".join("?" * len(chunk))
-            for qid, text, vec in self.db.q(f"SELECT id, query, query_vec FROM query_log WHERE id IN ({marks})", chunk):
-                out[qid] = (text, vec)
-        return out
+        rows = self.db.in_chunks("SELECT id, query, query_vec FROM query_log WHERE id IN ({marks})",
+                                 [int(i) for i in query_ids])
+        return {qid: (text, vec) for qid, text, vec in rows}
