@@ -15,6 +15,13 @@ from moedb.lifecycle.finetune import split_holdout
 
 from conftest import run_cli
 
+try:
+    import sentence_transformers  # noqa: F401
+    HAS_TUNE = True
+except ImportError:
+    HAS_TUNE = False
+needs_tune = pytest.mark.skipif(not HAS_TUNE, reason="fine-tuning needs the tune extra: pip install 'moedb[tune]'")
+
 # four experts whose documents a general-purpose encoder mixes up: every one is about money
 TOPICS = {
     "card_lost": ["I lost my {c}", "my {c} was stolen", "someone took my {c}", "I can't find my {c} anywhere",
@@ -42,6 +49,8 @@ def build(path, embedder):
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, embedder):
+    if not HAS_TUNE:
+        pytest.skip("fine-tuning needs the tune extra: pip install 'moedb[tune]'")
     d = tmp_path_factory.mktemp("tune")
     path = str(d / "cards.db")
     db = build(path, None)  # the file's own embedder (bundled MiniLM), which is what can be tuned
@@ -188,6 +197,7 @@ def _built(tmp_path, name):
     return path, _snapshot(path)
 
 
+@needs_tune
 def test_bad_input_changes_nothing(tmp_path, embedder):
     path, snap = _built(tmp_path, "bad.db")
     existing = tmp_path / "taken"
@@ -221,6 +231,7 @@ def test_bad_input_changes_nothing(tmp_path, embedder):
     assert _snapshot(path) == snap
 
 
+@needs_tune
 def test_a_second_tune_of_the_same_file_fails_at_once(tmp_path):
     import fcntl
     import time
@@ -269,6 +280,7 @@ def test_custom_embedder_cannot_be_tuned(tmp_path):
     db.close()
 
 
+@needs_tune
 def test_crash_while_switching_rolls_back(tmp_path, monkeypatch):
     path, snap = _built(tmp_path, "crash.db")
     db = moedb.connect(path)
@@ -296,6 +308,7 @@ def test_crash_while_switching_rolls_back(tmp_path, monkeypatch):
         db.close()
 
 
+@needs_tune
 def test_other_process_tunes_and_this_connection_follows(tmp_path):
     """`moedb tune-embedder` in a second process; a connection open here switches to the tuned model on
     its next call, and one pinned to an explicit embedder says to reconnect."""
@@ -407,3 +420,24 @@ def test_a_writer_with_the_old_model_cannot_write(tmp_path):
         db.store.documents.insert(db.catalog.require("a")["id"], [("2", "y", {}, None, None)], np.ones((1, 4), np.float32))
     assert db.store.q("SELECT COUNT(*) FROM documents") == n
     db.close()
+
+
+def test_without_the_tune_extra_tuning_names_it(tmp_path):
+    """Without sentence-transformers the tune fails with an error naming the extra, and changes nothing."""
+    code = ("import sys; sys.modules['sentence_transformers'] = None\n"
+            "import moedb\n"
+            "db = moedb.connect(sys.argv[1])\n"
+            "db.add_expert('a', ['bake bread with yeast', 'knead the dough'])\n"
+            "db.add_expert('b', ['planets orbit the sun', 'stars are far away'])\n"
+            "try:\n"
+            "    db.tune_embedder(epochs=1)\n"
+            "except moedb.ConfigError as e:\n"
+            "    print('ERR', e)\n"
+            "print(db.store.get_meta('embedder')['name'])\n")
+    import subprocess
+    import sys
+    env = {**os.environ, "MOEDB_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.db")], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'moedb[tune]' in p.stdout and p.stdout.strip().splitlines()[-1] == "all-MiniLM-L6-v2"

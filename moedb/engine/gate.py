@@ -46,6 +46,7 @@ class GateService:
         The gate persisted in the file is used when it was fitted on exactly the current experts
         (ids and versions) and settings; otherwise it is refitted and written back in one transaction.
         """
+        self.catalog.refresh()
         if self._epoch != self.catalog.epoch:  # the file was re-embedded: nothing fitted before applies
             self._current, self._epoch = None, self.catalog.epoch
         cur = self._current
@@ -168,6 +169,5 @@ class GateService:
 
     def figures(self) -> dict[str, Any]:
         """Figures of the current gate (fitting it first if the experts changed)."""
-        self.catalog.refresh()
         r = self.current()
         return r.figures() if r is not None else {"experts": 0}

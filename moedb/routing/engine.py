@@ -9,7 +9,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..settings import FIT_SETTINGS, Settings
+from ..settings import DEFAULTS, FIT_SETTINGS, Settings
+
+# fit settings that joined the gate's key later: hashed only when they differ from their default
+KEYED_WHEN_CHANGED = frozenset({"gate_max_docs"})
 from .gating import softmax
 from .hierarchy import Tree, beam_candidates, node_centroids
 from .hybrid import COMPONENTS, FORMAT, HybridGate
@@ -21,7 +24,10 @@ def fingerprint(rows: Sequence[dict], settings: Settings) -> str:
     for r in rows:
         h.update(f"{r['id']}:{r['version']}:{int(bool(r.get('refuse')))};".encode())
     for k in FIT_SETTINGS:
-        h.update(f"{k}={getattr(settings, k)!r};".encode())
+        v = getattr(settings, k)
+        if k in KEYED_WHEN_CHANGED and v == getattr(DEFAULTS, k):
+            continue  # (files written before it joined the key keep their stored gate)
+        h.update(f"{k}={v!r};".encode())
     return h.hexdigest()
 
 
