@@ -32,6 +32,7 @@ from .errors import InvalidInput
 from .lifecycle.evolve import Evolution
 from .lifecycle.expert_files import ExpertFiles
 from .lifecycle.feedback import FeedbackService
+from .lifecycle.finetune import BATCH, LR
 from .lifecycle.tune import Tuner
 from .settings import Settings
 from .store import Store, open_store
@@ -249,9 +250,16 @@ class Database:
         """Rename an expert; its documents, children, feedback and log references stay."""
         return self.evolution.rename_expert(old, new)
 
-    def optimize(self, apply: bool = False, **thresholds: Any) -> dict[str, Any]:
-        """Proposed merges, splits and a retrain with their evidence; ``apply=True`` carries them out."""
-        return self.evolution.optimize(apply, **thresholds)
+    def optimize(self, apply: bool = False, *, merge_similarity: float = 0.95, confusion_ratio: float = 0.5,
+                 confusion_rate: float = 0.3, min_confused: int = 10, incoherence: float = 2.0, overload: float = 2.0,
+                 min_load: int = 50, min_split_size: int = 8, min_silhouette: float = 0.1,
+                 seed: int = 0) -> dict[str, Any]:
+        """Proposed merges, splits and a retrain with their evidence; ``apply=True`` carries them out
+        (see :meth:`moedb.lifecycle.evolve.Evolution.optimize` for the thresholds)."""
+        return self.evolution.optimize(
+            apply, merge_similarity=merge_similarity, confusion_ratio=confusion_ratio, confusion_rate=confusion_rate,
+            min_confused=min_confused, incoherence=incoherence, overload=overload, min_load=min_load,
+            min_split_size=min_split_size, min_silhouette=min_silhouette, seed=seed)
 
     def stats(self, since: Any = None, until: Any = None, *, buckets: int = 24) -> dict[str, Any]:
         """Load analytics over the query log between ``since`` and ``until``."""
@@ -261,9 +269,13 @@ class Database:
         """Where tuned embedders of this file live by default: ``<file>.embedders/`` beside it."""
         return self.tuner.embedders_dir()
 
-    def tune_embedder(self, out: Optional[str] = None, **options: Any) -> dict[str, Any]:
-        """Fine-tune the file's embedder on its experts' documents and re-embed the file with it (extra ``tune``)."""
-        return self.tuner.tune_embedder(out, **options)
+    def tune_embedder(self, out: Optional[str] = None, *, epochs: Optional[int] = None, lr: float = LR,
+                      batch_size: int = BATCH, holdout: Optional[float] = None, seed: int = 0,
+                      progress: Optional[Callable[[str, int, int], None]] = None) -> dict[str, Any]:
+        """Fine-tune the file's embedder on its experts' documents and re-embed the file with it (extra ``tune``;
+        see :meth:`moedb.lifecycle.tune.Tuner.tune_embedder`)."""
+        return self.tuner.tune_embedder(out, epochs=epochs, lr=lr, batch_size=batch_size, holdout=holdout,
+                                        seed=seed, progress=progress)
 
     # ------------------------------------------------------------------ generation
     def set_default_generator(self, generator: Optional[dict]) -> None:
@@ -294,9 +306,14 @@ class Database:
         return self.generation.generator_config(name)
 
     def ask(self, query: str, top_k: Optional[int] = None, strategy: Optional[str] = None,
-            collaboration: Optional[str] = None, rounds: Optional[int] = None, **kwargs: Any) -> Answer:
-        """Answer ``query`` with the routed experts' generators and a synthesizer strategy."""
-        return self.generation.ask(query, top_k, strategy, collaboration, rounds, **kwargs)
+            collaboration: Optional[str] = None, rounds: Optional[int] = None, *, k: Optional[int] = None,
+            min_confidence: Optional[float] = None, options: Optional[dict] = None,
+            synthesizer: Optional[dict] = None, fallback: Optional[dict] = None,
+            stream: Optional[Callable[[str], None]] = None) -> Answer:
+        """Answer ``query`` with the routed experts' generators and a synthesizer strategy (see
+        :meth:`moedb.ask.Generation.ask` and docs/generation.md)."""
+        return self.generation.ask(query, top_k, strategy, collaboration, rounds, k=k, min_confidence=min_confidence,
+                                   options=options, synthesizer=synthesizer, fallback=fallback, stream=stream)
 
 
 def connect(path: str = "moedb.db", embedder: Any = None, *, log_queries: Optional[bool] = None,

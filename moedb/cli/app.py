@@ -1,8 +1,8 @@
-"""The ``moedb`` typer app: the global ``--db`` option, the entry point and its error handling.
+"""The ``moedb`` entry point: the command areas on the one typer app, and the error handling.
 
-The commands live in one module per area (:mod:`.experts`, :mod:`.routing`, :mod:`.lifecycle`,
-:mod:`.stats`, :mod:`.generation`); each registers on :data:`app` when imported, and :func:`main`
-imports them all. Library errors become a one-line ``error: ...`` on stderr and exit code 1;
+The app and its global ``--db`` live in :mod:`.common`; each area module registers its commands on it:
+:mod:`.experts`, :mod:`.routing`, :mod:`.lifecycle`, :mod:`.stats`, :mod:`.generation` (imported here in
+the order of ``moedb --help``). Library errors become a one-line ``error: ...`` on stderr and exit code 1;
 typer's usage errors print its usual usage message and exit 2.
 """
 from __future__ import annotations
@@ -13,30 +13,18 @@ from typing import Optional
 import typer
 
 from ..errors import MoedbError
+from . import experts  # noqa: F401  (registers init, add-expert, add-docs, list, show, remove-expert)
+from . import routing  # noqa: F401  (route, search)
+from . import lifecycle  # noqa: F401  (feedback, ingest-feedback, retrain, split, merge, rename, optimize, ...)
+from . import stats  # noqa: F401  (stats)
+from . import generation  # noqa: F401  (ask, set-generator, set-strategy, apply)
+from .common import app
 
-app = typer.Typer(help="moedb: an embedded mixture-of-experts retrieval engine in one SQLite file.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-
-@app.callback()
-def _global(ctx: typer.Context,
-            db: str = typer.Option("./moedb.db", "--db", envvar="MOEDB_DB", help="Database file.")) -> None:
-    ctx.obj = {"db": db}
-
-
-def load_commands() -> None:
-    """Register every command area on :data:`app` (idempotent: a module registers once, on import)."""
-    # in this order: it is the order of `moedb --help`
-    from . import experts  # noqa: F401
-    from . import routing  # noqa: F401
-    from . import lifecycle  # noqa: F401
-    from . import stats  # noqa: F401
-    from . import generation  # noqa: F401
+__all__ = ["app", "main"]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
-    load_commands()
     try:
         # Standalone mode: typer itself handles the usage errors it raises (missing argument, bad value,
         # unknown command or option) with whichever click it uses (its vendored ``typer._click`` since

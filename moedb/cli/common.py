@@ -1,6 +1,8 @@
-"""What every command area shares: opening ``--db``, JSON output, bars, progress bars, the console.
+"""What every command area shares: the one typer app with its global ``--db``, opening that file, JSON
+output, bars, progress bars, the console.
 
-Kept light: rich and numpy are imported only when a command actually draws or serialises.
+The area modules register their commands on :data:`app`; :mod:`.app` imports them all and runs it. Kept
+light: rich and numpy are imported only when a command actually draws or serialises.
 """
 from __future__ import annotations
 
@@ -12,6 +14,16 @@ from typing import Any
 import typer
 
 from ..errors import MoedbError
+
+app = typer.Typer(help="moedb: an embedded mixture-of-experts retrieval engine in one SQLite file.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _global(ctx: typer.Context,
+            db: str = typer.Option("./moedb.db", "--db", envvar="MOEDB_DB", help="Database file.")) -> None:
+    ctx.obj = {"db": db}
+
 
 JSON_OPT = typer.Option(False, "--json", help="Machine-readable JSON output.")
 REFIT_OPT = typer.Option(True, "--refit/--no-refit",

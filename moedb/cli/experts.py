@@ -6,8 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import app
-from .common import JSON_OPT, REFIT_OPT, LazyBar, console, emit_json, open_db, warm_router
+from .common import JSON_OPT, REFIT_OPT, LazyBar, app, console, emit_json, open_db, warm_router
 
 
 @app.command()
@@ -119,7 +118,8 @@ def show(ctx: typer.Context, name: str, docs: int = typer.Option(5, "--docs", he
     if json_out:
         emit_json({**e.to_dict(), "documents": sample})
         return
-    typer.echo(f"{e.name}  ({e.size} documents{'; a refusal expert: routes that match it abstain' if e.refuse else ''})")
+    role = "; a refusal expert: routes that match it abstain" if e.refuse else ""
+    typer.echo(f"{e.name}  ({e.size} documents{role})")
     for label, value in (("description", e.description), ("keywords", ", ".join(e.keywords)),
                          ("parent", e.parent or ""), ("metadata", json.dumps(e.metadata) if e.metadata else "")):
         if value:

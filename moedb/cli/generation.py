@@ -10,8 +10,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import ConfigError
-from .app import app
-from .common import JSON_OPT, bar, console, emit_json, open_db
+from .common import JSON_OPT, app, bar, console, emit_json, open_db
 
 
 def parse_pairs(pairs: Optional[List[str]], what: str) -> dict:

@@ -8,8 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import InvalidInput
-from .app import app
-from .common import JSON_OPT, LazyBar, StageBar, emit_json, open_db
+from .common import JSON_OPT, LazyBar, StageBar, app, emit_json, open_db
 
 
 @app.command()

@@ -8,8 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import app
-from .common import JSON_OPT, bar, console, emit_json, open_db
+from .common import JSON_OPT, app, bar, console, emit_json, open_db
 
 
 def print_hits(hits, title: str = "passages") -> None:

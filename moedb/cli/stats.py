@@ -6,8 +6,7 @@ from typing import Optional
 import typer
 
 from ..errors import InvalidInput
-from .app import app
-from .common import JSON_OPT, bar, console, emit_json, open_db
+from .common import JSON_OPT, app, bar, console, emit_json, open_db
 
 
 @app.command()
