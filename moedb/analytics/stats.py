@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InvalidInput
+from ..errors import ConfigError, InvalidInput
 from ..engine.catalog import Catalog
 from ..store import Store
 from ..timeparse import parse_time
@@ -66,8 +66,12 @@ def stats_csv(stats: dict[str, Any]) -> str:
 
 
 def stats_plot(stats: dict[str, Any], path: str, top: int = 8) -> str:
-    """Draw load distribution (bars) and load over time (top experts + other + abstained) to a PNG."""
-    import matplotlib
+    """Draw load distribution (bars) and load over time (top experts + other + abstained) to a PNG
+    (needs the extra ``plot``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("a stats plot needs matplotlib: pip install 'moedb[plot]'") from None
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -106,14 +110,15 @@ def stats_plot(stats: dict[str, Any], path: str, top: int = 8) -> str:
         for lbl in a2.get_xticklabels():
             lbl.set_rotation(30)
             lbl.set_horizontalalignment("right")
-    a2.set_title(f"load over time ({_fmt_width(lot['bucket_seconds'])} buckets)")
+    a2.set_title(f"load over time ({fmt_width(lot['bucket_seconds'])} buckets)")
     a2.set_ylabel("queries")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def _fmt_width(w: Optional[float]) -> str:
+def fmt_width(w: Optional[float]) -> str:
+    """A bucket width for people: ``1 h``, ``15 min``, ``2 d``, else seconds (``no`` when there is none)."""
     if not w:
         return "no"
     for unit, s in (("d", 86400), ("h", 3600), ("min", 60)):

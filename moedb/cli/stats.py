@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import InvalidInput
+from ..analytics.stats import fmt_width, stats_csv, stats_plot
 from .common import JSON_OPT, app, bar, console, emit_json, open_db
 
 
@@ -30,18 +30,10 @@ def stats(ctx: typer.Context,
     with open_db(ctx) as db:
         out = db.stats(since=t(since), until=t(until), buckets=buckets)
     if plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InvalidInput("--plot needs matplotlib: pip install 'moedb[plot]'") from None
-        from ..analytics.stats import stats_plot
-
         stats_plot(out, plot)
     if json_out:
         emit_json(out)
     elif csv_out:
-        from ..analytics.stats import stats_csv
-
         typer.echo(stats_csv(out), nl=False)
     else:
         print_stats(out)
@@ -82,13 +74,3 @@ def print_stats(s: dict) -> None:
         for b in lot["buckets"]:
             when = dt.datetime.fromtimestamp(b["start"]).strftime("%Y-%m-%d %H:%M:%S")
             typer.echo(f"  {when}  {bar(b['queries'] / peak, 30)} {b['queries']}")
-
-
-def fmt_width(seconds: Optional[float]) -> str:
-    """A bucket width for people: ``1 h``, ``15 min``, ``2 d``, else seconds (``no`` when there is none)."""
-    if not seconds:
-        return "no"
-    for unit, s in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= s and seconds % s == 0:
-            return f"{int(seconds // s)} {unit}"
-    return f"{seconds:g} s"
