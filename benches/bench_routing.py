@@ -442,12 +442,15 @@ def report(res):
     print(f"\nhierarchy: flat {pct(res['moedb flat, no balancing']['acc'])} vs beam {pct(h['acc'])}, "
           f"leaves scored {h['leaves_scored']:.1f} of 150")
     print("\nrouting latency per query, embedding excluded (p50, same run, timed in alternating blocks of 25 queries)")
-    print(f"  150 experts : moedb {res['moedb p50_ms (150 experts)']:.3f} ms   semantic-router "
-          f"{sr['p50_ms']:.3f} ms   ratio x{sr['p50_ms'] / res['moedb p50_ms (150 experts)']:.1f}")
-    if "moedb p50_ms (1000 experts)" in res:
-        s2 = res["semantic-router (1000 routes)"]
-        print(f"  1000 experts: moedb {res['moedb p50_ms (1000 experts)']:.3f} ms   semantic-router "
-              f"{s2['p50_ms']:.3f} ms   ratio x{s2['p50_ms'] / res['moedb p50_ms (1000 experts)']:.1f}")
+    for n, peer in (("150", sr), ("1000", res.get("semantic-router (1000 routes)", {}))):
+        mine = res.get(f"moedb p50_ms ({n} experts)")
+        if mine is None:
+            continue
+        if "p50_ms" in peer:
+            print(f"  {n:>4} experts: moedb {mine:.3f} ms   semantic-router {peer['p50_ms']:.3f} ms   "
+                  f"ratio x{peer['p50_ms'] / mine:.1f}")
+        else:  # the peer is not installed (pip install 'moedb[bench]')
+            print(f"  {n:>4} experts: moedb {mine:.3f} ms   semantic-router {peer.get('skipped', 'not run')}")
     print(f"  (moedb with retrieval of 5 passages, 150 experts: {res['moedb p50_ms with 5 passages (150 experts)']:.3f} ms)")
     for tag in ("tuned", "tuned_refusal"):
         t = res.get(f"{tag}_tune")

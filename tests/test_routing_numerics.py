@@ -11,7 +11,7 @@ from moedb.routing.calibration import abstain_threshold, ece, fit_mix
 from moedb.routing.gating import log_softmax, select, softmax, top_k
 from moedb.routing.hierarchy import Tree, beam_candidates, node_centroids
 from moedb.routing.hybrid import HybridGate
-from moedb.routing.kmeans import max_per_owner, multi_centroids, spherical_kmeans
+from moedb.routing.kmeans import kmeans, max_per_owner, multi_centroids
 from moedb.routing.lexical import LexicalIndex, tokenize
 
 finite = st.floats(-50, 50, allow_nan=False, width=64)
@@ -181,9 +181,9 @@ def test_load_figures():
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 60), st.integers(1, 6), st.integers(0, 10))
-def test_spherical_kmeans_gives_unit_centroids_no_more_than_points(n, k, seed):
+def test_kmeans_gives_unit_centroids_no_more_than_points(n, k, seed):
     X = unit(np.random.default_rng(seed), n)
-    C = spherical_kmeans(X, k, seed=seed)
+    _, C = kmeans(X, k, seed=seed)
     assert C.shape == (min(k, n), X.shape[1])
     assert np.allclose(np.linalg.norm(C, axis=1), 1.0, atol=1e-5)
 
