@@ -72,3 +72,22 @@ def test_a_route_on_the_default_embedder_loads_no_torch(tmp_path):
             "print(' '.join(sys.modules))\n")
     mods = _modules_after(code, tmp_path)
     assert not [m for m in HEAVY if m in mods]
+
+
+def test_no_part_reads_another_objects_private_state():
+    """Parts talk through public methods: no ``other._name`` outside ``self``/``cls`` (llama.py alone reaches
+    into llama-cpp-python's own objects, which offer no public handle for LoRA adapters)."""
+    import re
+
+    pat = re.compile(r"(\.?)\b(\w+)\._[a-z]\w*")
+    found = []
+    for p in (ROOT / "moedb").rglob("*.py"):
+        if p.name == "llama.py":
+            continue
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#")[0]
+            for m in pat.finditer(code):
+                own = m.group(1) == "" and m.group(2) in ("self", "cls")
+                if not own and m.group(2) not in ("os", "sys", "typer"):
+                    found.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not found, "\n".join(found)

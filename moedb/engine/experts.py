@@ -84,6 +84,7 @@ class ExpertEditor:
         return to_expert(self.catalog.require(name))
 
     def check_parent(self, parent: Optional[str], child: Optional[str] = None) -> Optional[int]:
+        """The id of ``parent`` if it can be the parent (of ``child``: no cycle); ``None`` for no parent."""
         if parent is None:
             return None
         check_name(parent, "parent name")

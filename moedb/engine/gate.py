@@ -131,8 +131,8 @@ class GateService:
         if len(C) < int(self.catalog.settings.ann_min_centroids):
             router.set_ann(None)
             return
-        if router._ann is not None:
-            router._ann.set_ef(ef)
+        if router.ann is not None:
+            router.ann.set_ef(ef)
             return
         stored = self.store.artefacts.get("ann:centroids")
         labels = np.arange(len(C), dtype=np.int64)

@@ -57,7 +57,7 @@ class RouteService:
         cands = None
         if width > 0:
             cands = [router.beam(q, width)[0] for q in Q]
-        elif router._ann is not None:
+        elif router.ann is not None:
             cands = router.ann_candidates(Q, int(self.catalog.settings.ann_candidates))
         comps, z, conf, mask, scope = router.score(Q, texts, cands)
         return router, comps, z, conf, mask.sum(axis=1), scope

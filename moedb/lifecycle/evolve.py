@@ -15,7 +15,7 @@ from ..engine.catalog import Catalog
 from ..engine.experts import check_name
 from ..engine.gate import GateService
 from ..errors import DuplicateExpert, InvalidInput
-from ..routing.kmeans import choose_clusters, unit_rows as _unit
+from ..routing.kmeans import choose_clusters, unit_rows
 from ..store import Store
 from .feedback import FeedbackService
 
@@ -80,7 +80,7 @@ class Evolution:
                 cid = self.store.experts.insert(cname, desc, list(row["keywords"]), row["id"],
                                                {"split_from": name}, row["generator"])
                 self.store.documents.move(row["id"], cid, [int(x) for x in ids[members]])
-                children.append((cname, cid, int(members.sum()), _unit(X[members].sum(axis=0, keepdims=True))[0]))
+                children.append((cname, cid, int(members.sum()), unit_rows(X[members].sum(axis=0, keepdims=True))[0]))
             fids, FV = self.store.feedback.of_expert(row["id"])
             if len(fids):
                 C = np.stack([c[3] for c in children])
@@ -220,7 +220,7 @@ class Evolution:
         tops = {r["id"]: int(load.get(r["id"], {}).get("top", 0)) for r in leaves}
         used: set[int] = set()
         if len(leaves) >= 2:
-            C = _unit(np.stack([r["vec_sum"] for r in leaves]).astype(np.float32))
+            C = unit_rows(np.stack([r["vec_sum"] for r in leaves]).astype(np.float32))
             S = C @ C.T
             confused: dict[tuple[int, int], int] = {}
             for a, b, c in self.store.loads.confused_pairs(confusion_ratio):

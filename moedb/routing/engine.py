@@ -44,7 +44,7 @@ class Router:
         self.gate = gate
         self.col = {r["id"]: j for j, r in enumerate(rows)}
         self.set_tree(all_rows)
-        self._ann = None
+        self.ann = None  # hnswlib index over the gate's centroids (set_ann), or None: exact scoring
         # refusal experts: gate classes that are never selected (a best match there abstains)
         self.refuse_cols = np.flatnonzero([bool(r.get("refuse")) for r in rows]).astype(np.int64)
         self.answering = {r["id"] for r in rows if not r.get("refuse")}  # the beam's leaves
@@ -142,11 +142,11 @@ class Router:
     # ------------------------------------------------------------------ candidates via hnswlib
     def set_ann(self, index) -> None:
         """An :class:`~moedb.routing.ann.HnswIndex` over ``gate.centroids_`` (labels = centroid rows)."""
-        self._ann = index
+        self.ann = index
 
     def ann_candidates(self, Q: np.ndarray, n_centroids: int) -> list[np.ndarray]:
         """Per query, the columns owning one of the ``n_centroids`` nearest centroids."""
-        lab, _ = self._ann.query(Q, n_centroids)
+        lab, _ = self.ann.query(Q, n_centroids)
         return [np.union1d(self.gate.owner_[row], self.refuse_cols).astype(np.int64) for row in lab]
 
     # ------------------------------------------------------------------ scoring
