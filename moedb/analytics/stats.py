@@ -54,7 +54,7 @@ def bucket_width(span: float, buckets: int) -> float:
 
 
 def stats_csv(stats: dict[str, Any]) -> str:
-    """The per-expert table of :meth:`AnalyticsMixin.stats` as CSV text (header + one row per expert)."""
+    """The per-expert table of :meth:`Analytics.stats` as CSV text (header + one row per expert)."""
     cols = ["name", "queries", "share", "selected", "mean_confidence", "feedback", "feedback_success_rate",
             "latency_p50_ms", "latency_p95_ms"]
     buf = io.StringIO()

@@ -2,7 +2,7 @@
 
 An event says that routing a query to an expert was good (reward > 0) or bad (reward < 0). Events are
 keyed (an explicit ``"id"``, else a hash of query or query id, expert, reward and time), so ingesting the
-same file twice adds nothing the second time. :meth:`Feedback.retrain` folds them into the gate and
+same file twice adds nothing the second time. :meth:`FeedbackService.retrain` folds them into the gate and
 measures it on held-out feedback before and after.
 """
 from __future__ import annotations
