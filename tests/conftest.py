@@ -61,3 +61,15 @@ def run_cli(args, db_path, env=None, input=None, timeout=300):
     cmd = ([exe] if isinstance(exe, str) else exe) + ["--db", db_path] + list(args)
     e = {**os.environ, **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=e, input=input, timeout=timeout)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# tests that drive an optional part skip with the extra that brings it
+needs_openai = pytest.mark.skipif(not _has("openai"), reason="the openai backend needs the openai extra: "
+                                  "pip install 'moedb[openai]'")
+has_matplotlib = _has("matplotlib")

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 import moedb
-from conftest import run_cli
+from conftest import run_cli, needs_openai
 from moedb.ask import ABSTAIN_TEXT, Answer
 
 
@@ -38,6 +38,7 @@ def test_ask_gives_each_expert_its_own_passages(kitchen):
     assert d["contributions"][0]["expert"] == "cooking"
 
 
+@needs_openai
 def test_abstention_says_no_expert_unless_fallback(kitchen):
     a = kitchen.ask("How long should I knead bread dough?", min_confidence=1.0)
     assert a.abstained and a.text == ABSTAIN_TEXT and a.contributions == [] and a.citations == []

@@ -15,7 +15,7 @@ from moedb.analytics.stats import bucket_width, imbalance
 from moedb.embed import VectorsOnly
 from moedb.errors import InvalidInput
 
-from conftest import run_cli
+from conftest import run_cli, has_matplotlib
 
 D = 4
 T0 = 1_700_000_000.0
@@ -197,6 +197,9 @@ def test_cli_stats_json_csv_and_plot(db_path, tmp_path):
     assert p.returncode == 0 and "imbalance over 4 experts" in p.stdout and "north" in p.stdout
     png = tmp_path / "load.png"
     p = run_cli(["stats", "--plot", str(png)], db_path)
+    if not has_matplotlib:  # without the plot extra: one error line naming it, and no file
+        assert p.returncode == 1 and "moedb[plot]" in p.stderr and not png.exists()
+        return
     assert p.returncode == 0, p.stderr
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

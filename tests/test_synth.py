@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import needs_openai
 
 from moedb.ask import answer_scores
 from moedb.ask.synth import STRATEGIES, normalize_answer
@@ -83,6 +84,7 @@ def test_voting_majority_beats_confidence(db):
     assert [t["experts"] for t in a.extra["tally"][1:]] == [["x"]]
 
 
+@needs_openai
 def test_failing_and_timing_out_experts_are_recorded_not_fatal(capitals, hanging_url):
     capitals.set_generator("geo_a", {"backend": "openai", "base_url": refused_url(), "timeout": 2, "retries": 2,
                                      "retry_backoff": 0.01})
@@ -101,6 +103,7 @@ def test_failing_and_timing_out_experts_are_recorded_not_fatal(capitals, hanging
     assert wall < 10
 
 
+@needs_openai
 def test_all_experts_failing_still_answers(capitals):
     for n in ("geo_a", "geo_b", "geo_c", "astro"):
         capitals.set_generator(n, {"backend": "openai", "base_url": refused_url(), "retries": 0})
@@ -206,6 +209,7 @@ def test_debate_runs_exactly_the_rounds_asked(capitals):
         assert sorted({c.round for c in a.contributions}) == list(range(1, rounds + 1))
 
 
+@needs_openai
 def test_llm_merge_uses_the_configured_synthesizer(capitals):
     a = capitals.ask(Q, top_k=2, strategy="llm_merge")  # default synthesizer: extractive merge of answers
     syn = a.extra["synthesizer"]
