@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_routing import LookupEmbedder  # noqa: E402
 from clinc import OUT, add_replica_experts, clinc_embedded, find_shared, vector_table  # noqa: E402
-from moedb.database import DEFAULTS  # noqa: E402
+from moedb.settings import DEFAULTS  # noqa: E402
 
 REPLICAS = 40
 
@@ -43,7 +43,7 @@ def p50_blocks(db, key, va, vb, fn, items, block=50) -> tuple[float, float]:
                 t = time.perf_counter()
                 fn(x)
                 ts.append((time.perf_counter() - t) * 1000)
-    db.configure(**{key: DEFAULTS[key]})
+    db.configure(**{key: getattr(DEFAULTS, key)})
     return float(np.median(ta)), float(np.median(tb))
 
 
@@ -54,7 +54,7 @@ def with_and_without(db, key, threshold, fn):
     a = fn()
     db.configure(**{key: 10**9})
     b = fn()
-    db.configure(**{key: DEFAULTS[key]})
+    db.configure(**{key: getattr(DEFAULTS, key)})
     return a, b
 
 
@@ -101,7 +101,7 @@ def main() -> None:
     # ---- centroids of 6,000 experts
     t = time.perf_counter()
     db = centroid_file(data, table, res)
-    db.configure(ann_min_centroids=DEFAULTS["ann_min_centroids"])  # whatever an interrupted run left
+    db.configure(ann_min_centroids=DEFAULTS.ann_min_centroids)  # whatever an interrupted run left
     db.route("warm up", log=False)
     res["centroids_fit_or_load_s"] = time.perf_counter() - t
     n_centroids = db.router_figures()["centroids"]
@@ -111,7 +111,7 @@ def main() -> None:
         return [[e.name for e in r.experts] for r in db.route_many(texts, top_k=2, k=0, log=False,
                                                                    min_confidence=0.0)]
 
-    ann, exact = with_and_without(db, "ann_min_centroids", DEFAULTS["ann_min_centroids"], lambda: routes(te["texts"]))
+    ann, exact = with_and_without(db, "ann_min_centroids", DEFAULTS.ann_min_centroids, lambda: routes(te["texts"]))
     intent = lambda name: name.split("#")[0]  # noqa: E731
     lab = te["labels"]
 
@@ -120,7 +120,7 @@ def main() -> None:
 
     q = te["texts"][:400]
 
-    p_ann, p_exact = p50_blocks(db, "ann_min_centroids", DEFAULTS["ann_min_centroids"], 10**9,
+    p_ann, p_exact = p50_blocks(db, "ann_min_centroids", DEFAULTS.ann_min_centroids, 10**9,
                                 lambda x: db.route(x, top_k=2, k=0, log=False), q)
     res["centroids"] = {
         "experts": len(db.experts()), "centroids": n_centroids, "ann_min_centroids": default_min,

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_routing import LookupEmbedder  # noqa: E402
 from clinc import OUT, add_replica_experts, embed_cached, find_shared, load_clinc, vector_table  # noqa: E402
-from moedb.database import DEFAULTS  # noqa: E402
+from moedb.settings import DEFAULTS  # noqa: E402
 
 
 def build(path, data, table, replicas, seed=0):
@@ -101,7 +101,7 @@ def main():
     texts = [te["texts"][i] for i in pick]
     labels = [te["labels"][i] for i in pick]
     extra = {k: json.loads(v) for k, v in (x.split("=", 1) for x in args.set)}
-    db.configure(**{k: v for k, v in DEFAULTS.items() if k.startswith("balance_")})
+    db.configure(**{k: v for k, v in DEFAULTS.as_dict().items() if k.startswith("balance_")})
     res = {"split": args.split, "settings": extra, "replicas": args.replicas, "queries": args.queries, "distinct_queries": int(len(set(pick))),
            "zipf": args.zipf, "fit_or_load_s": fit_s}
     for tag, on in (("without balancing", False), ("with balancing", True)):

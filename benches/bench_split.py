@@ -54,7 +54,7 @@ def split_all(db, domains, n, seed) -> tuple[dict, float]:
     res = {}
     with db.store.atomic():
         for dom in domains:
-            res[dom] = db._split(dom, n, None, None, seed)
+            res[dom] = db.evolution.split(dom, n, None, None, seed)
         db.refit_router()
     return res, time.perf_counter() - t
 
@@ -111,7 +111,7 @@ def main() -> None:
         t = time.perf_counter()
         with db.store.atomic():
             for dom, ints in domains.items():
-                db._merge(list(ints), dom, None)
+                db.evolution.merge(list(ints), dom, None)
             db.refit_router()
         out["merge_s"] = time.perf_counter() - t
         sizes = {e.name: e.size for e in db.experts()}
