@@ -1,4 +1,4 @@
-"""Offline analytics of expert load from the query log (issue 4).
+"""Offline analytics of expert load from the query log.
 
 Aggregation happens in SQL (see :mod:`moedb.db_lifecycle`); this module turns the per-expert
 counts into shares, imbalance figures and load-over-time buckets, and renders CSV or a PNG.

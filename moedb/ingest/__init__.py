@@ -1,1 +1,1 @@
-"""ingest."""
+"""Files into passages (paragraph-aware chunks of .txt/.md, one document per .jsonl line)."""

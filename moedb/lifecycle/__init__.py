@@ -1,1 +1,2 @@
-"""lifecycle."""
+"""Experts over time: feedback and retraining, split/merge/rename/optimize, tuning the embedder, and
+declarative YAML expert folders."""
