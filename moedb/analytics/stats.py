@@ -1,6 +1,6 @@
 """Offline analytics of expert load from the query log.
 
-Aggregation happens in SQL (see :mod:`moedb.db_lifecycle`); this module turns the per-expert
+Aggregation happens in SQL (see :mod:`moedb.store.loads`); this module turns the per-expert
 counts into shares, imbalance figures and load-over-time buckets, and renders CSV or a PNG.
 """
 from __future__ import annotations
