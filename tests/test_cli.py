@@ -183,3 +183,17 @@ def test_every_command_is_registered():
     assert names == {"init", "add-expert", "add-docs", "list", "show", "remove-expert", "route", "search",
                      "feedback", "ingest-feedback", "retrain", "split", "merge", "rename", "optimize", "stats",
                      "tune-embedder", "ask", "set-generator", "set-strategy", "apply"}
+
+
+def test_a_failing_first_command_leaves_no_file(tmp_path):
+    """``add-expert`` on a file that does not exist yet, failing (an empty folder), creates nothing; an
+    existing file that a command fails on is left alone."""
+    path = tmp_path / "new.db"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli(["add-expert", "hollow", str(empty)], str(path))
+    assert r.returncode == 1 and r.stderr.startswith("error: no passages found in"), r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("new.db")]
+    assert run_cli(["init"], str(path)).returncode == 0
+    assert run_cli(["add-expert", "hollow", str(empty)], str(path)).returncode == 1
+    assert path.exists() and run_cli(["list", "--json"], str(path)).returncode == 0

@@ -6,10 +6,11 @@ light: rich and numpy are imported only when a command actually draws or seriali
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import typer
 
@@ -30,14 +31,27 @@ REFIT_OPT = typer.Option(True, "--refit/--no-refit",
                          help="Fit the router now, so the next `moedb route` does not pay for it.")
 
 
-def open_db(ctx: typer.Context, must_exist: bool = True):
-    """Open the database named by ``--db``; a missing file is an error except for ``init``."""
+@contextlib.contextmanager
+def open_db(ctx: typer.Context, must_exist: bool = True) -> Iterator[Any]:
+    """Open the database named by ``--db``; a missing file is an error except for ``init``. A command that
+    created the file and then failed (say ``add-expert`` on an empty folder) leaves no file behind."""
     path = ctx.obj["db"]
-    if must_exist and path != ":memory:" and not os.path.exists(path):
+    existed = path == ":memory:" or os.path.exists(path)
+    if must_exist and not existed:
         raise MoedbError(f"no database at {path!r} (run `moedb init` or pass --db)")
     import moedb
 
-    return moedb.connect(path)
+    db = moedb.connect(path)
+    try:
+        yield db
+    except BaseException:
+        db.close()
+        if not existed:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.remove(path + suffix)
+        raise
+    db.close()
 
 
 def warm_router(db, refit: bool) -> None:
