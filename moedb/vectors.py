@@ -6,6 +6,7 @@ import numpy as np
 from .errors import DimensionMismatch, InvalidVector
 
 F4 = np.dtype("<f4")
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def to_blob(v: np.ndarray) -> bytes:
@@ -21,9 +22,11 @@ def from_blob(b: bytes) -> np.ndarray:
 def as_matrix(vectors, dim: int | None, what: str = "vectors") -> np.ndarray:
     """Validate and convert to a float32 matrix of shape ``(n, dim)``.
 
-    Raises :class:`InvalidVector` on a wrong shape or non-finite values and
-    :class:`DimensionMismatch` when ``dim`` is given and differs.
+    Raises :class:`InvalidVector` on a wrong shape, complex or non-finite values or values float32 cannot
+    hold, and :class:`DimensionMismatch` when ``dim`` is given and differs.
     """
+    if np.iscomplexobj(vectors):
+        raise InvalidVector(f"{what}: complex values (vectors must be real)")
     try:
         a = np.asarray(vectors, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -41,12 +44,19 @@ def as_matrix(vectors, dim: int | None, what: str = "vectors") -> np.ndarray:
     bad = ~np.isfinite(a).all(axis=1)
     if bad.any():
         raise InvalidVector(f"{what}: row {int(np.flatnonzero(bad)[0])} contains NaN or infinity")
+    huge = (np.abs(a) > F32_MAX).any(axis=1)
+    if huge.any():
+        raise InvalidVector(f"{what}: row {int(np.flatnonzero(huge)[0])} has values beyond the float32 range "
+                            f"(|x| > {F32_MAX:.3g})")
     return a.astype(np.float32)
 
 
 def normalize(a: np.ndarray) -> np.ndarray:
-    """L2-normalise rows of ``a`` (shape ``(n, d)`` or ``(d,)``); zero rows raise InvalidVector."""
-    a = np.asarray(a, dtype=np.float32)
+    """L2-normalise rows of ``a`` (shape ``(n, d)`` or ``(d,)``) into float32; zero rows raise InvalidVector.
+
+    The norm is taken in float64, so rows of very large (up to the float32 maximum) or very small float32
+    values normalise instead of overflowing to a zero row or underflowing to a "zero vector"."""
+    a = np.asarray(a, dtype=np.float64)
     norms = np.linalg.norm(a, axis=-1, keepdims=True)
     if np.any(norms == 0):
         raise InvalidVector("zero vector cannot be normalised")
