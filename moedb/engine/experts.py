@@ -43,6 +43,39 @@ def check_refuse(refuse: Any, parent: Optional[str]) -> bool:
     return bool(refuse)
 
 
+def check_metadata(metadata: Any, what: str = "metadata") -> dict:
+    """``metadata`` if the file can store it as JSON and give it back equal: a dict with string keys whose
+    values are JSON types (str, finite numbers, bool, None, lists, dicts), UTF-8 encodable, not nested
+    deeper than 32 levels. :class:`InvalidInput` naming ``what`` (and the offending key) otherwise."""
+    def walk(v: Any, where: str, depth: int) -> None:
+        if depth > 32:
+            raise InvalidInput(f"{what}: nested deeper than 32 levels at {where}")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise InvalidInput(f"{what}: key {k!r} at {where} is not a string")
+                walk(k, where, depth + 1)
+                walk(x, f"{where}.{k}", depth + 1)
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{where}[{i}]", depth + 1)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(f"{what}: {where} holds text that is not valid Unicode (a lone surrogate)") from None
+        elif isinstance(v, float) and not np.isfinite(v):
+            raise InvalidInput(f"{what}: {where} is {v!r}; JSON has no NaN or infinity")
+        elif v is not None and not isinstance(v, (bool, int, float)):
+            raise InvalidInput(f"{what}: {where} is a {type(v).__name__}, which JSON cannot store "
+                               "(use a string, number, bool, null, list or mapping)")
+
+    if not isinstance(metadata, dict):
+        raise InvalidInput(f"{what} must be a dict (a JSON object), got {type(metadata).__name__}")
+    walk(metadata, what, 0)
+    return metadata
+
+
 def check_generator(generator: Any) -> dict:
     """A validated generator configuration (``ConfigError`` naming the bad field)."""
     return validate_config(generator)
@@ -118,8 +151,8 @@ class ExpertEditor:
         check_name(name)
         refuse = check_refuse(refuse, parent)
         kw = [str(k) for k in (keywords or [])]
-        if metadata is not None and not isinstance(metadata, dict):
-            raise InvalidInput("metadata must be a dict")
+        if metadata is not None:
+            check_metadata(metadata)
         gen = check_generator(generator) if generator is not None else None
         parent_id = self.check_parent(parent)
         if files:
@@ -153,7 +186,7 @@ class ExpertEditor:
         if keywords is not None:
             fields["keywords"] = [str(k) for k in keywords]
         if metadata is not None:
-            fields["metadata"] = metadata
+            fields["metadata"] = check_metadata(metadata)
         if parent is not ...:
             fields["parent_id"] = self.check_parent(parent, child=name)
         self.store.experts.update(row["id"], **fields)
@@ -180,10 +213,9 @@ class ExpertEditor:
             elif isinstance(d, dict):
                 text, did = d.get("text"), d.get("id")
                 md, src, pos = d.get("metadata") or {}, d.get("source"), d.get("position")
-                if not isinstance(md, dict):
-                    raise InvalidInput(f"document #{i}: metadata must be a dict")
             else:
                 raise InvalidInput(f"document #{i}: expected str or dict with 'text', got {type(d).__name__}")
+            check_metadata(md, f"document #{i}: metadata")
             if not isinstance(text, str) or not text.strip():
                 raise InvalidInput(f"document #{i}: empty text")
             if did is None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..engine.catalog import Catalog
-from ..engine.experts import ExpertEditor, check_name, check_refuse
+from ..engine.experts import ExpertEditor, check_metadata, check_name, check_refuse
 from ..errors import ConfigError, FileProblem, InvalidInput
 from ..generate import validate_config
 from ..ingest.chunk import iter_files, read_passages
@@ -136,9 +136,10 @@ def _spec_plan(parts: "ExpertFiles", path: str, data: dict) -> tuple[ExpertPlan,
             raise _err(path, "keywords: must be a list of strings")
         want["keywords"] = [str(k) for k in kw]
     if "metadata" in data:
-        if not isinstance(data["metadata"], dict):
-            raise _err(path, "metadata: must be a mapping")
-        want["metadata"] = data["metadata"]
+        try:
+            want["metadata"] = check_metadata(data["metadata"])
+        except InvalidInput as e:
+            raise _err(path, str(e)) from None
     if "refuse" in data:
         if not isinstance(data["refuse"], bool):
             raise _err(path, "refuse: must be true or false")
