@@ -216,6 +216,8 @@ class Database:
 
     def query_log(self, query_id: int) -> dict[str, Any]:
         """One logged route (time, query, chosen experts with scores, latency)."""
+        if isinstance(query_id, bool) or not isinstance(query_id, (int, np.integer)) or not 0 < query_id < 2**63:
+            raise InvalidInput(f"query_id must be a positive integer, got {query_id!r}")
         e = self.store.log.entry(int(query_id))
         if e is None:
             raise InvalidInput(f"unknown query id {query_id}")

@@ -31,7 +31,18 @@ def check_name(name: Any, what: str = "expert name") -> str:
         raise InvalidInput(f"{what} must be a non-empty string")
     if name != name.strip() or any(ord(c) < 32 for c in name):
         raise InvalidInput(f"{what} {name!r} has leading/trailing spaces or control characters")
+    if not is_unicode(name):
+        raise InvalidInput(f"{what} {name!r} is not valid Unicode (a lone surrogate)")
     return name
+
+
+def is_unicode(text: str) -> bool:
+    """True when ``text`` can be stored (UTF-8 encodable: no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_refuse(refuse: Any, parent: Optional[str]) -> bool:
@@ -218,6 +229,8 @@ class ExpertEditor:
             check_metadata(md, f"document #{i}: metadata")
             if not isinstance(text, str) or not text.strip():
                 raise InvalidInput(f"document #{i}: empty text")
+            if not is_unicode(text):
+                raise InvalidInput(f"document #{i}: text is not valid Unicode (a lone surrogate)")
             if did is None:
                 did = f"{src}#{pos}" if src is not None and pos is not None else \
                     hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
@@ -256,6 +269,9 @@ class ExpertEditor:
         return n
 
     def documents(self, name: str, limit: int = -1, offset: int = 0) -> list[dict[str, Any]]:
-        """An expert's documents (id, text, metadata, source, position)."""
+        """An expert's documents (id, text, metadata, source, position); ``limit`` -1 = all."""
+        for arg, value in (("limit", limit), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (-1 if arg == "limit" else 0):
+                raise InvalidInput(f"{arg} must be an integer >= {-1 if arg == 'limit' else 0}, got {value!r}")
         row = self.catalog.require(name)
         return [{k: v for k, v in d.items() if k != "rowid"} for d in self.store.documents.list(row["id"], limit, offset)]

@@ -18,6 +18,10 @@ def encode_queries(embedding: FileEmbedder, queries: Sequence[Any]) -> tuple[lis
         if isinstance(q, str):
             if not q.strip():
                 raise InvalidInput("query is empty" if len(queries) == 1 else f"query #{i} is empty")
+            try:
+                q.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(f"query #{i} is not valid Unicode (a lone surrogate)") from None
             texts.append(q)
             vecs.append(None)
         elif isinstance(q, np.ndarray) or isinstance(q, (list, tuple)):

@@ -20,6 +20,9 @@ from .gate import GateService
 from .queries import check_context, check_route_args, encode_queries
 from .retrieval import Retrieval
 
+# the query log keeps at most this many characters of a query's text (its vector is kept whole)
+LOG_QUERY_CHARS = 2000
+
 
 class RouteService:
     """``route()`` and ``route_many()`` of one file, composed of the parts it needs.
@@ -183,7 +186,7 @@ class RouteService:
         now = time.time()
         keep_vec = self.catalog.settings.log_vectors
         entries = [{
-            "ts": now, "query": r.query, "query_vec": to_blob(Q[i]) if keep_vec else None,
+            "ts": now, "query": r.query[:LOG_QUERY_CHARS], "query_vec": to_blob(Q[i]) if keep_vec else None,
             "abstained": r.abstained, "top_confidence": r.experts[0].confidence if r.experts else None,
             "latency_ms": r.latency_ms,
             "choices": [(self.catalog.by_name[e.name]["id"], rank, e.score, e.confidence) for rank, e in enumerate(r.experts)],

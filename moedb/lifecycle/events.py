@@ -55,6 +55,8 @@ def parse_event(line: str) -> dict[str, Any]:
         ev = json.loads(line)
     except json.JSONDecodeError as e:
         raise EventError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise EventError("not valid JSON for an event (nested too deeply)") from None
     if not isinstance(ev, dict):
         raise EventError(f"expected a JSON object, got {type(ev).__name__}")
     expert = ev.get("expert")
@@ -71,7 +73,12 @@ def parse_event(line: str) -> dict[str, Any]:
         raise EventError("give exactly one of \"query\" and \"query_id\"")
     if query is not None and (not isinstance(query, str) or not query.strip()):
         raise EventError("\"query\" must be a non-empty string")
-    if qid is not None and (isinstance(qid, bool) or not isinstance(qid, int) or qid < 1):
+    if query is not None:
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EventError("\"query\" is not valid Unicode (a lone surrogate)") from None
+    if qid is not None and (isinstance(qid, bool) or not isinstance(qid, int) or not 1 <= qid < 2**63):
         raise EventError(f"\"query_id\" must be a positive integer, got {qid!r}")
     try:
         when = parse_time(ev.get("time"), "\"time\"")

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..engine.catalog import Catalog
 from ..engine.embedding import FileEmbedder
+from ..engine.experts import is_unicode
 from ..engine.gate import GateService
 from ..engine.route import RouteService
 from ..errors import FileProblem, InvalidInput, MoedbError
@@ -51,9 +52,13 @@ class FeedbackService:
         if isinstance(query_id, str):
             if not query_id.strip():
                 raise InvalidInput("query is empty")
+            if not is_unicode(query_id):
+                raise InvalidInput("query is not valid Unicode (a lone surrogate)")
             text, qid, vec = query_id, None, self.embedding.embed([query_id])[0]
         elif isinstance(query_id, (int, np.integer)) and not isinstance(query_id, bool):
             qid = int(query_id)
+            if not 0 < qid < 2**63:
+                raise InvalidInput(f"unknown query id {qid} (not in the query log)")
             logged = self.store.log.queries([qid]).get(qid)
             if logged is None:
                 raise InvalidInput(f"unknown query id {qid} (not in the query log)")

@@ -1,0 +1,70 @@
+"""Odd input at the library's edges gives moedb errors, never other exceptions (issue 15, items 4 and 11):
+lone surrogates in names, texts and queries; non-integer limits and query ids; huge query ids; a feedback
+line nested 100k deep; very long queries are bounded in the query log."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import moedb
+from moedb.errors import InvalidInput
+from moedb.engine.route import LOG_QUERY_CHARS
+
+
+class ToyEmbedder:
+    """A deterministic 4-d embedder (the real one is not what these tests are about)."""
+
+    name, dim = "toy", 4
+
+    def embed(self, texts):
+        return np.array([[1.0 + len(t) % 3, 1.0, sum(map(ord, t[:50])) % 7 + 1.0, 0.5] for t in texts])
+
+
+@pytest.fixture
+def db():
+    d = moedb.connect(":memory:", embedder=ToyEmbedder())
+    d.add_expert("a", ["alpha text", "more alpha"])
+    d.add_expert("b", ["beta text", "more beta"])
+    yield d
+    d.close()
+
+
+def test_lone_surrogates_are_refused_where_they_enter(db):
+    with pytest.raises(InvalidInput, match="Unicode"):
+        db.add_expert("bad\ud800", ["x"])
+    with pytest.raises(InvalidInput, match="Unicode"):
+        db.add_documents("a", ["text \udc80"])
+    with pytest.raises(InvalidInput, match="Unicode"):
+        db.route("query \ud800")
+    with pytest.raises(InvalidInput, match="Unicode"):
+        db.feedback("query \ud800", "a", 1)
+    assert [e.name for e in db.experts()] == ["a", "b"] and db.expert("a").size == 2
+
+
+@pytest.mark.parametrize("call", [lambda d: d.documents("a", limit="x"), lambda d: d.documents("a", offset=-1),
+                                  lambda d: d.query_log("x"), lambda d: d.query_log(10**30),
+                                  lambda d: d.feedback(10**30, "a", 1)])
+def test_bad_numbers_are_moedb_errors(db, call):
+    with pytest.raises(InvalidInput):
+        call(db)
+
+
+def test_a_pathological_feedback_line_is_skipped_and_the_job_goes_on(db, tmp_path):
+    r = db.route("alpha text")
+    lines = [json.dumps({"query_id": r.query_id, "expert": "a", "reward": 1}),
+             "[" * 100_000,
+             json.dumps({"query_id": 10**30, "expert": "a", "reward": 1}),
+             json.dumps({"query": "x\ud800", "expert": "a", "reward": 1}),
+             json.dumps({"query": "more beta", "expert": "b", "reward": 1})]
+    f = tmp_path / "events.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    out = db.ingest_feedback(f)
+    assert out["taken"] == 2 and out["skipped"] == 3, out
+    assert [e["line"] for e in out["errors"]] == [2, 3, 4]
+
+
+def test_the_log_keeps_a_bounded_query(db):
+    r = db.route("alpha " * 10_000, min_confidence=0.0)
+    assert len(db.query_log(r.query_id)["query"]) == LOG_QUERY_CHARS
