@@ -68,3 +68,28 @@ def test_a_pathological_feedback_line_is_skipped_and_the_job_goes_on(db, tmp_pat
 def test_the_log_keeps_a_bounded_query(db):
     r = db.route("alpha " * 10_000, min_confidence=0.0)
     assert len(db.query_log(r.query_id)["query"]) == LOG_QUERY_CHARS
+
+
+def test_cli_damaged_files_and_bad_options_are_one_error_line(tmp_path):
+    """A truncated database, a device as database, a bad --on-conflict and a non-UTF-8 YAML file: one
+    ``error:`` line and exit 1, never a traceback (issue 15, item 3)."""
+    from conftest import run_cli
+
+    good = tmp_path / "good.db"
+    notes = tmp_path / "notes.md"
+    notes.write_text("Comets have icy nuclei.\n\nTheir tails point away from the Sun.\n")
+    assert run_cli(["add-expert", "comets", str(notes), "--no-refit"], str(good)).returncode == 0
+    run_cli(["list"], str(good))  # (checkpoints the WAL into the file)
+    truncated = tmp_path / "truncated.db"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    yaml_dir = tmp_path / "yaml"
+    yaml_dir.mkdir()
+    (yaml_dir / "x.yaml").write_bytes(b"name: caf\xe9\n")
+    cases = [(["list"], str(truncated)), (["list"], "/dev/null"),
+             (["add-docs", "comets", str(notes), "--on-conflict", "bogus"], str(good)),
+             (["apply", str(yaml_dir)], str(tmp_path / "y.db"))]
+    for args, db in cases:
+        r = run_cli(args, db)
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.startswith("error: "), (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)

@@ -249,6 +249,8 @@ class ExpertEditor:
     def add_documents(self, name: str, documents: Sequence[Document], vectors: Optional[np.ndarray] = None, *,
                       on_conflict: str = "error", progress: Progress = None) -> int:
         """Add documents to an expert in one transaction; returns how many were added."""
+        if on_conflict not in ("error", "skip", "replace"):
+            raise InvalidInput(f"on_conflict must be error, skip or replace, not {on_conflict!r}")
         row = self.catalog.require(name)
         prepared = self.prepare(documents, vectors, progress)
         n = self.store.documents.insert(row["id"], *prepared, on_conflict=on_conflict)

@@ -80,6 +80,8 @@ def _load_yaml(path: str) -> dict[str, Any]:
             data = yaml.safe_load(f)
     except OSError as e:
         raise FileProblem(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise FileProblem(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise FileProblem(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

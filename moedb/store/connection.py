@@ -99,6 +99,10 @@ class Connection:
         except apsw.NotADBError:
             self.conn.close()
             raise MoedbError(f"{path!r} is not a SQLite database") from None
+        except apsw.Error as e:  # a damaged file (CorruptError), a device (IOError), a read-only folder, ...
+            self.conn.close()
+            raise MoedbError(f"cannot open database {path!r}: {type(e).__name__.replace('Error', ' error')}: {e}"
+                             ) from None
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
