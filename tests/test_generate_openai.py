@@ -281,3 +281,36 @@ def test_llama_server_lora_field_is_accepted(server, key):
     """llama-cpp-python's server accepts and ignores ``lora`` (adapter selection itself is a llama-server
     feature that cannot be exercised with this server)."""
     assert _gen(server, lora=[{"id": 1, "scale": 0.5}], mode="completion").generate(REQ).text
+
+
+class _Redirect(BaseHTTPRequestHandler):
+    """Answers every POST with 307 to ``self.server.target`` (another port)."""
+
+    def log_message(self, *a) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(307)
+        self.send_header("Location", self.server.target + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_the_api_key_never_follows_a_redirect_to_another_origin(stub, key):
+    """Issue 15, item 6: a server that redirects to another port must not receive the key there."""
+    base, requests = stub
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
+    srv.daemon_threads = True
+    srv.target = base.replace("/v1", "")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        n = len(requests)
+        g = _gen(f"http://127.0.0.1:{srv.server_address[1]}/v1", retries=0)
+        with pytest.raises(GenerationError, match="401"):  # the redirected request arrives without the key
+            g.generate(REQ)
+        arrived = requests[n:]
+        assert arrived and all(r["auth"] is None or "s3cret" not in r["auth"] for r in arrived), arrived
+    finally:
+        srv.shutdown()
+        srv.server_close()
