@@ -93,3 +93,25 @@ def test_cli_damaged_files_and_bad_options_are_one_error_line(tmp_path):
         assert r.returncode == 1, (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr and r.stderr.startswith("error: "), (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_another_applications_sqlite_file_is_refused_and_left_byte_identical(tmp_path):
+    """Issue 15, item 10: no WAL switch, no moedb tables, no raw SQLError for a clash of table names."""
+    import hashlib
+    import sqlite3
+
+    for table in ("users", "experts"):
+        path = tmp_path / f"other_{table}.db"
+        con = sqlite3.connect(path)
+        con.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name TEXT)")
+        con.execute(f"INSERT INTO {table}(name) VALUES ('kept')")
+        con.commit()
+        con.close()
+        before = hashlib.sha256(path.read_bytes()).hexdigest()
+        with pytest.raises(moedb.MoedbError, match="another application"):
+            moedb.connect(str(path), embedder=moedb.VectorsOnly(4))
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+        assert not (tmp_path / f"other_{table}.db-wal").exists()
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()  # an empty SQLite file is fine: it becomes a moedb file
+    moedb.connect(str(empty), embedder=moedb.VectorsOnly(4)).close()

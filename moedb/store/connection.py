@@ -89,6 +89,7 @@ class Connection:
         self._depth = 0
         self.rolled_back = False  # set when a write transaction rolls back (Database drops its caches)
         try:
+            self._refuse_foreign()
             self.conn.execute("PRAGMA foreign_keys=ON")
             if path != ":memory:" and not path.startswith("file::memory"):
                 mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -103,6 +104,17 @@ class Connection:
             self.conn.close()
             raise MoedbError(f"cannot open database {path!r}: {type(e).__name__.replace('Error', ' error')}: {e}"
                              ) from None
+
+    def _refuse_foreign(self) -> None:
+        """Refuse, before any write, a SQLite file that holds tables but is not a moedb file (another
+        application's database is left byte-identical: no WAL switch, no migrations)."""
+        tables = [r[0] for r in self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        if tables and "schema_migrations" not in tables:
+            self.conn.close()
+            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise MoedbError(f"{self.path!r} is a SQLite database of another application (tables: {shown}); "
+                             "moedb leaves it alone: give a new or a moedb file")
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
