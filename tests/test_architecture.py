@@ -16,7 +16,7 @@ HEAVY = ("torch", "transformers", "sentence_transformers")
 
 def test_import_contracts_are_kept():
     """`lint-imports` checks the layers (cli > database > lifecycle|analytics|ask > engine >
-    routing|store|embed|generate|ingest > settings|timeparse|vectors|types > errors) and that no package's
+    routing|store|embed|generate|ingest > settings|text|timeparse|vectors|types > errors) and that no package's
     modules import each other in a circle (pyproject.toml, [tool.importlinter])."""
     exe = shutil.which("lint-imports")
     if exe is None:

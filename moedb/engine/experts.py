@@ -16,6 +16,7 @@ from ..errors import InvalidInput, UnknownExpert
 from ..generate import validate_config
 from ..ingest.chunk import Passage, iter_files, read_passages
 from ..store import Store
+from ..text import is_unicode
 from ..types import Expert
 from ..vectors import as_matrix, normalize
 from .catalog import Catalog, own_centroid
@@ -35,14 +36,6 @@ def check_name(name: Any, what: str = "expert name") -> str:
         raise InvalidInput(f"{what} {name!r} is not valid Unicode (a lone surrogate)")
     return name
 
-
-def is_unicode(text: str) -> bool:
-    """True when ``text`` can be stored (UTF-8 encodable: no lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_refuse(refuse: Any, parent: Optional[str]) -> bool:
@@ -71,10 +64,8 @@ def check_metadata(metadata: Any, what: str = "metadata") -> dict:
             for i, x in enumerate(v):
                 walk(x, f"{where}[{i}]", depth + 1)
         elif isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidInput(f"{what}: {where} holds text that is not valid Unicode (a lone surrogate)") from None
+            if not is_unicode(v):
+                raise InvalidInput(f"{what}: {where} holds text that is not valid Unicode (a lone surrogate)")
         elif isinstance(v, float) and not np.isfinite(v):
             raise InvalidInput(f"{what}: {where} is {v!r}; JSON has no NaN or infinity")
         elif v is not None and not isinstance(v, (bool, int, float)):

@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import InvalidInput
+from ..text import is_unicode
 from ..vectors import as_matrix, normalize
 from .embedding import FileEmbedder
 
@@ -18,10 +19,8 @@ def encode_queries(embedding: FileEmbedder, queries: Sequence[Any]) -> tuple[lis
         if isinstance(q, str):
             if not q.strip():
                 raise InvalidInput("query is empty" if len(queries) == 1 else f"query #{i} is empty")
-            try:
-                q.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidInput(f"query #{i} is not valid Unicode (a lone surrogate)") from None
+            if not is_unicode(q):
+                raise InvalidInput(f"query #{i} is not valid Unicode (a lone surrogate)")
             texts.append(q)
             vecs.append(None)
         elif isinstance(q, np.ndarray) or isinstance(q, (list, tuple)):

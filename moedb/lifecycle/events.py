@@ -15,6 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import InvalidInput
+from ..text import is_unicode
 from ..timeparse import parse_time
 
 MAX_ERRORS = 1000          # error messages kept in an ingestion summary (all are counted)
@@ -73,11 +74,8 @@ def parse_event(line: str) -> dict[str, Any]:
         raise EventError("give exactly one of \"query\" and \"query_id\"")
     if query is not None and (not isinstance(query, str) or not query.strip()):
         raise EventError("\"query\" must be a non-empty string")
-    if query is not None:
-        try:
-            query.encode("utf-8")
-        except UnicodeEncodeError:
-            raise EventError("\"query\" is not valid Unicode (a lone surrogate)") from None
+    if query is not None and not is_unicode(query):
+        raise EventError("\"query\" is not valid Unicode (a lone surrogate)")
     if qid is not None and (isinstance(qid, bool) or not isinstance(qid, int) or not 1 <= qid < 2**63):
         raise EventError(f"\"query_id\" must be a positive integer, got {qid!r}")
     try:

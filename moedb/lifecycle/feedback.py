@@ -15,11 +15,11 @@ import numpy as np
 
 from ..engine.catalog import Catalog
 from ..engine.embedding import FileEmbedder
-from ..engine.experts import is_unicode
 from ..engine.gate import GateService
 from ..engine.route import RouteService
 from ..errors import FileProblem, InvalidInput, MoedbError
 from ..store import Store
+from ..text import is_unicode
 from ..timeparse import parse_time
 from ..vectors import F4, to_blob
 from .events import EventError, IngestJob, check_reward, event_key, key_bucket, parse_event
