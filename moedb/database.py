@@ -252,16 +252,13 @@ class Database:
         """Rename an expert; its documents, children, feedback and log references stay."""
         return self.evolution.rename_expert(old, new)
 
-    def optimize(self, apply: bool = False, *, merge_similarity: float = 0.95, confusion_ratio: float = 0.5,
-                 confusion_rate: float = 0.3, min_confused: int = 10, incoherence: float = 2.0, overload: float = 2.0,
-                 min_load: int = 50, min_split_size: int = 8, min_silhouette: float = 0.1,
-                 seed: int = 0) -> dict[str, Any]:
-        """Proposed merges, splits and a retrain with their evidence; ``apply=True`` carries them out
-        (see :meth:`moedb.lifecycle.evolve.Evolution.optimize` for the thresholds)."""
-        return self.evolution.optimize(
-            apply, merge_similarity=merge_similarity, confusion_ratio=confusion_ratio, confusion_rate=confusion_rate,
-            min_confused=min_confused, incoherence=incoherence, overload=overload, min_load=min_load,
-            min_split_size=min_split_size, min_silhouette=min_silhouette, seed=seed)
+    def optimize(self, apply: bool = False, **thresholds: Any) -> dict[str, Any]:
+        """Proposed merges, splits and a retrain with their evidence; ``apply=True`` carries them out.
+
+        ``thresholds``: ``merge_similarity``, ``confusion_ratio``, ``confusion_rate``, ``min_confused``,
+        ``incoherence``, ``overload``, ``min_load``, ``min_split_size``, ``min_silhouette``, ``seed``, with
+        their defaults and meaning at :meth:`moedb.lifecycle.evolve.Evolution.optimize` (the one place)."""
+        return self.evolution.optimize(apply, **thresholds)
 
     def stats(self, since: Any = None, until: Any = None, *, buckets: int = 24) -> dict[str, Any]:
         """Load analytics over the query log between ``since`` and ``until``."""
