@@ -91,6 +91,9 @@ class Settings:
     """Centroids fetched by hnswlib per query."""
     ann_min_docs: int = dataclasses.field(default=20000, metadata=_rule(lambda v: _int(v) and v >= 1, "an integer >= 1"))
     """hnswlib inside experts with at least this many documents."""
+    vector_cache_mb: float = dataclasses.field(default=256, metadata=_rule(
+        lambda v: _num(v) and v >= 0, "a number of megabytes >= 0"))
+    """Hot experts' vectors kept in memory for exact NumPy retrieval (others are searched in SQL)."""
     ann_ef: int = dataclasses.field(default=128, metadata=_rule(lambda v: _int(v) and v >= 1, "an integer >= 1"))
     """hnswlib search breadth (persisted with each index)."""
     recalibrate_after: float = dataclasses.field(default=0.05, metadata=_rule(

@@ -3,7 +3,8 @@
 Every part that reads experts asks the :class:`Catalog` (``refresh()`` first). It re-reads only the
 expert rows that changed since it last looked (``PRAGMA data_version`` tells when another connection
 committed; ``touch()`` when this one wrote), derives parents' centroids from their children, follows a
-switch of embedder made by another process, and caches each expert's document vectors per version.
+switch of embedder made by another process, and keeps hot experts' document vectors in a bounded cache
+(:class:`~moedb.engine.hot_vectors.HotVectors`, ``vector_cache_mb``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..routing.hierarchy import parent_centroids
 from ..settings import Settings
 from ..store import Store
 from .embedding import FileEmbedder
+from .hot_vectors import HotVectors
 
 
 def own_centroid(row: dict[str, Any]) -> Optional[np.ndarray]:
@@ -30,7 +32,7 @@ def own_centroid(row: dict[str, Any]) -> Optional[np.ndarray]:
 
 class Catalog:
     """Expert rows of one open file (dicts as :meth:`Store.expert_rows` gives them, plus ``centroid``,
-    ``own_centroid`` and ``parent``), their names, the settings, and cached document vectors.
+    ``own_centroid`` and ``parent``), their names, the settings, and hot experts' document vectors.
 
     ``epoch`` moves whenever every cached vector became stale (the file was re-embedded): parts that
     cache vectors or indexes compare it with the epoch they cached under.
@@ -45,7 +47,7 @@ class Catalog:
         self.epoch = 0
         self._dv: Optional[int] = None
         self._dirty = True
-        self._doc_cache: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+        self.hot = HotVectors(int(self.settings.vector_cache_mb * 2**20))
 
     def touch(self) -> None:
         """This connection changed the file: re-read on the next :meth:`refresh`."""
@@ -53,7 +55,7 @@ class Catalog:
 
     def stale(self) -> None:
         """Every cached vector is stale (this connection re-embedded the file)."""
-        self._doc_cache = {}
+        self.hot.clear()
         self.epoch += 1
         self._dirty = True
 
@@ -62,7 +64,8 @@ class Catalog:
         dv = self.store.data_version()
         if self.store.rolled_back:  # rows read inside a transaction that rolled back may never have existed
             self.store.rolled_back = False
-            self.rows, self._doc_cache, self._dirty = [], {}, True
+            self.rows, self._dirty = [], True
+            self.hot.clear()
         if not self._dirty and dv == self._dv:
             return
         if dv != self._dv and self.embedding.follow():  # another process re-embedded the file (tune_embedder)
@@ -74,9 +77,10 @@ class Catalog:
         self.rows = rows
         self.by_name = {r["name"]: r for r in rows}
         live = {r["id"]: r["version"] for r in rows}
-        self._doc_cache = {i: c for i, c in self._doc_cache.items() if live.get(i) == c[0]}
+        self.hot.keep(live)
         if settings != self.settings:
             self.settings = settings
+            self.hot.budget = int(settings.vector_cache_mb * 2**20)
         self._dv = dv
         self._dirty = False
 
@@ -120,13 +124,21 @@ class Catalog:
         """The experts that answer queries: with documents, not refusal experts (creation order)."""
         return [r for r in self.rows if r["size"] > 0 and not r.get("refuse")]
 
+    def hot_docs(self, row: dict[str, Any]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """An expert's ``(rowids (n,), unit vectors (n, d))`` if it is hot (cached, or missed recently too:
+        then loaded and cached); ``None`` otherwise (search it in SQL)."""
+        got = self.hot.get(row["id"], row["version"])
+        if got is None and self.hot.admit(row["id"]):
+            got = self._load_docs(row)
+            self.hot.put(row["id"], row["version"], *got)
+        return got
+
+    def _load_docs(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        ids, m = self.store.documents.vectors_of(row["id"])
+        if m.size == 0:
+            m = np.zeros((0, self.embedding.dim), dtype=np.float32)
+        return ids, m
+
     def expert_docs(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """Cached ``(rowids (n,), unit vectors (n, d))`` of one expert."""
-        c = self._doc_cache.get(row["id"])
-        if c is None or c[0] != row["version"]:
-            ids, m = self.store.documents.vectors_of(row["id"])
-            if m.size == 0:
-                m = np.zeros((0, self.embedding.dim), dtype=np.float32)
-            c = (row["version"], ids, m)
-            self._doc_cache[row["id"]] = c
-        return c[1], c[2]
+        """``(rowids (n,), unit vectors (n, d))`` of one expert: from the hot cache, else read from the file."""
+        return self.hot_docs(row) or self._load_docs(row)

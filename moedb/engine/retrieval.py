@@ -1,5 +1,8 @@
-"""Retrieval: the best passages inside given experts (exact inner products, or hnswlib inside experts of
-at least ``ann_min_docs`` documents), and the exhaustive :meth:`Retrieval.search` baseline."""
+"""Retrieval: the best passages inside given experts, and the exhaustive :meth:`Retrieval.search` baseline.
+
+Inside an expert: exact cosine in SQL (sqlite-vec, the store's vector index), or an exact NumPy scan when
+the expert is hot (:meth:`Catalog.hot_docs`), or hnswlib for experts of at least ``ann_min_docs``
+documents. No process holds a copy of the corpus: only hot experts, within ``vector_cache_mb``."""
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
@@ -29,16 +32,24 @@ class Retrieval:
         """Best ``k`` (score, rowid, expert row) inside the given experts; large experts use hnswlib unless ``exact``."""
         cands: list[tuple[float, int, dict]] = []
         big = np.inf if exact else int(self.catalog.settings.ann_min_docs)
+        cold: dict[int, dict] = {}
         for row in rows:
             if row["size"] >= big:
                 lab, sim = self._doc_index(row).query(q, k)
                 cands += [(float(s), int(i), row) for i, s in zip(lab[0], sim[0])]
                 continue
-            ids, m = self.catalog.expert_docs(row)
+            hot = self.catalog.hot_docs(row)
+            if hot is None:
+                cold[row["id"]] = row
+                continue
+            ids, m = hot
             if not len(ids):
                 continue
             lab, sim = exact_topk(q, m, ids, k)
             cands += [(float(s), int(i), row) for i, s in zip(lab[0], sim[0])]
+        if cold:
+            rowids, sims, eids = self.store.vectors.knn(q, list(cold), k)
+            cands += [(float(s), int(i), cold[int(e)]) for i, s, e in zip(rowids, sims, eids)]
         cands.sort(key=lambda c: (-c[0], c[1]))
         return cands[:k]
 

@@ -177,6 +177,24 @@ class BalanceState(Protocol):
         ...
 
 
+class VectorSearch(Protocol):
+    """k-nearest passages inside experts (kept in step with the documents in their transactions)."""
+    def knn(self, q: np.ndarray, expert_ids: Sequence[int], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rowids (m,), cosine similarities (m,), expert ids (m,))`` of the ``k`` passages nearest to
+        ``q`` ``(d,)`` inside the experts, best first."""
+        ...
+    def count(self) -> int:
+        ...
+
+
+class TextSearch(Protocol):
+    """BM25 over passage titles and texts (kept in step with the documents in their transactions)."""
+    def search(self, text: str, k: int, expert_ids: Optional[Sequence[int]] = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """``(rowids (m,), BM25 scores (m,))`` best first; user text is plain words, never query syntax."""
+        ...
+
+
 class Store(Protocol):
     """One moedb file (or database): transactions, meta values and the areas above."""
 
@@ -188,6 +206,8 @@ class Store(Protocol):
     loads: Loads
     artefacts: ArtefactStore
     balance: BalanceState
+    vectors: VectorSearch
+    text: TextSearch
     rolled_back: bool
     expected_embedder: Optional[str]
 

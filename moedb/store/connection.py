@@ -4,7 +4,8 @@ transactions, its migrations and its ``meta`` table.
 Every write runs inside :meth:`Connection.atomic`, a ``BEGIN IMMEDIATE`` transaction (nested calls become
 savepoints), so a failure or a crash in the middle of a call leaves the file as it was before the call.
 Migrations are append-only files in ``moedb/store/migrations/``, each applied in the transaction that
-records its name and checksum.
+records its name and checksum: ``NNNN_name.sql`` (a script) or ``NNNN_name.py`` (a module whose
+``migrate(conn)`` runs, for a step SQL cannot state alone, such as a table whose shape depends on the data).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import re
 import threading
 import time
 from importlib import resources
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import apsw
 import numpy as np
@@ -24,7 +25,7 @@ import sqlite_vec
 from ..errors import EmbedderMismatch, MoedbError, SchemaError
 from ..vectors import F4
 
-_MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(sql|py)$")
 # the most host parameters one statement binds in ``IN (?, ...)`` lists
 CHUNK = 500
 
@@ -34,17 +35,27 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True)
 
 
-def migrations() -> list[tuple[int, str, str, str]]:
-    """The migrations shipped in the package: ``(version, name, sql, sha256)`` sorted by version."""
+class Migration(NamedTuple):
+    """A migration shipped in the package: ``NNNN_name.sql`` or ``NNNN_name.py``."""
+
+    version: int
+    name: str
+    source: str
+    checksum: str  # sha256 of source
+    kind: str  # "sql" (a script) or "py" (a module with migrate(conn))
+
+
+def migrations() -> list[Migration]:
+    """The migrations shipped in the package, sorted by version."""
     out = []
     for entry in resources.files("moedb.store.migrations").iterdir():
         m = _MIGRATION_RE.match(entry.name)
         if not m:
             continue
-        sql = entry.read_text(encoding="utf-8")
-        out.append((int(m.group(1)), m.group(2), sql, hashlib.sha256(sql.encode()).hexdigest()))
+        src = entry.read_text(encoding="utf-8")
+        out.append(Migration(int(m.group(1)), m.group(2), src, hashlib.sha256(src.encode()).hexdigest(), m.group(3)))
     out.sort()
-    versions = [v for v, *_ in out]
+    versions = [m.version for m in out]
     if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
         raise SchemaError(f"migration files must have unique positive numbers: {versions}")
     return out
@@ -185,22 +196,27 @@ class Connection:
         with self.atomic():
             applied = {v: (n, c) for v, n, c in self.q("SELECT version, name, checksum FROM schema_migrations")}
             newest = max(applied, default=0)
-            known_versions = {v for v, *_ in known}
+            known_versions = {m.version for m in known}
             unknown = sorted(set(applied) - known_versions)
             if unknown:
                 raise SchemaError(
                     f"{self.path!r} was written by a newer moedb (schema version {newest}, this moedb "
                     f"knows up to {max(known_versions, default=0)}); upgrade moedb to open it"
                 )
-            for version, name, sql, checksum in known:
+            for version, name, source, checksum, kind in known:
                 if version in applied:
                     if applied[version][1] != checksum:
                         raise SchemaError(
-                            f"migration {version:04d}_{name}.sql was edited after it was applied to "
+                            f"migration {version:04d}_{name}.{kind} was edited after it was applied to "
                             f"{self.path!r} (checksum differs); migrations are append-only"
                         )
                     continue
-                self.conn.execute(sql)
+                if kind == "py":
+                    code: dict[str, Any] = {}
+                    exec(compile(source, f"{version:04d}_{name}.py", "exec"), code)
+                    code["migrate"](self.conn)
+                else:
+                    self.conn.execute(source)
                 self.conn.execute(
                     "INSERT INTO schema_migrations VALUES (?, ?, ?, ?)", (version, name, checksum, time.time())
                 )

@@ -10,13 +10,15 @@ import numpy as np
 from ..errors import DuplicateDocument
 from ..vectors import F4
 from .connection import Connection, dumps as _dumps
+from .vector_index import VectorIndex
 
 
 class DocumentTable:
     """Documents of experts: text, metadata, source, position and a ``<f4`` unit vector."""
 
-    def __init__(self, db: Connection):
+    def __init__(self, db: Connection, vectors: VectorIndex):
         self.db = db
+        self.vectors = vectors  # kept in step by triggers; created here with the first vectors
 
     def insert(self, expert_id: int, rows: Sequence[tuple], vectors: np.ndarray,
                          on_conflict: str = "error") -> int:
@@ -33,6 +35,8 @@ class DocumentTable:
         vecs = np.asarray(vectors, dtype=F4)
         with self.db.atomic():
             self.db.check_embedder()
+            if len(vecs):
+                self.vectors.ensure(vecs.shape[1])
             row = self.db.q1("SELECT n_docs, vec_sum FROM experts WHERE id=?", (expert_id,))
             n, vs = row
             total = np.frombuffer(vs, dtype="<f8").copy() if vs else np.zeros(vecs.shape[1], dtype="<f8")

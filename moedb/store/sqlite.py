@@ -22,6 +22,9 @@ from .experts import ExpertTable
 from .feedback import FeedbackTable
 from .loads import LoadQueries
 from .querylog import QueryLog
+from .text_index import TextIndex
+from . import vector_index
+from .vector_index import VectorIndex
 
 # feedback whose query text can be re-embedded ("<vector>" stands for a query routed as a vector)
 _FB_TEXT = "query IS NOT NULL AND query != '' AND query != '<vector>'"
@@ -34,7 +37,9 @@ class SQLiteStore:
         self.db = Connection(path, busy_timeout_ms)
         self.path = path
         self.experts = ExpertTable(self.db)
-        self.documents = DocumentTable(self.db)
+        self.vectors = VectorIndex(self.db)
+        self.text = TextIndex(self.db)
+        self.documents = DocumentTable(self.db, self.vectors)
         self.log = QueryLog(self.db)
         self.feedback = FeedbackTable(self.db)
         self.loads = LoadQueries(self.db)
@@ -132,6 +137,7 @@ class SQLiteStore:
                 raise EmbedderMismatch("another process changed this file's embedder during the tune; nothing "
                                        "was changed (run the tune again)")
             docs, fb = self.texts_to_embed()
+            vector_index.drop(self.db.conn)  # rebuilt below from the new vectors (their dimension may differ)
             fresh = {rid for rid, _, t in docs if rid in doc_vecs and doc_vecs[rid][0] == t}
             late = [(rid, t) for rid, _, t in docs if rid not in fresh]
             late_fb = [(fid, t) for fid, t in fb if fid not in fb_vecs or fb_vecs[fid][0] != t]
@@ -152,6 +158,7 @@ class SQLiteStore:
                                   [(new_fb[fid], fid) for fid in have])
             cleared = self.db.q1("SELECT COUNT(*) FROM query_log WHERE query_vec IS NOT NULL")[0]
             self.db.conn.execute("UPDATE query_log SET query_vec=NULL WHERE query_vec IS NOT NULL")
+            self.vectors.rebuild(int(record["dim"]))
             self.db.conn.execute("DELETE FROM routing_state")
             self.set_meta("embedder", record)
         return {"documents": len(docs), "embedded_late": len(late) + len(late_fb), "feedback": len(have),
