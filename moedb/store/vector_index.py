@@ -21,6 +21,11 @@ import numpy as np
 from .connection import CHUNK, Connection
 
 TABLE = "doc_vectors"
+# vectors per storage chunk; a partition (expert) allocates whole chunks, so sqlite-vec's default of 1,024
+# costs 1.5 MB of file per expert at d=384 however few passages it has (CLINC150: 225 MB for 23 MB of
+# vectors). 128 wastes at most 127 slots per expert; k-nearest time inside 1,000 vectors is unchanged
+# within this machine's noise (benches/bench_scale.py).
+CHUNK_SIZE = 128
 _TRIGGERS = (
     f"""CREATE TRIGGER IF NOT EXISTS {TABLE}_insert AFTER INSERT ON documents WHEN new.embedding IS NOT NULL
     BEGIN INSERT INTO {TABLE}(rowid, expert_id, embedding) VALUES (new.id, new.expert_id, new.embedding); END""",
@@ -43,7 +48,7 @@ def create(conn, dim: int) -> None:
 
     Run inside a write transaction (migration 0008 and :meth:`VectorIndex.ensure` do)."""
     conn.execute(f"CREATE VIRTUAL TABLE {TABLE} USING vec0(expert_id integer partition key, "
-                 f"embedding float[{int(dim)}] distance_metric=cosine)")
+                 f"embedding float[{int(dim)}] distance_metric=cosine, chunk_size={CHUNK_SIZE})")
     conn.execute(f"INSERT INTO {TABLE}(rowid, expert_id, embedding) "
                  "SELECT id, expert_id, embedding FROM documents WHERE embedding IS NOT NULL ORDER BY id")
     for sql in _TRIGGERS:
