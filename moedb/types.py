@@ -51,7 +51,9 @@ class ExpertScore:
 
 @dataclass
 class Hit:
-    """One retrieved passage; ``score`` is the cosine similarity to the query."""
+    """One retrieved passage; ``score`` is what ranked it: the cosine similarity to the query (dense), the
+    BM25 score (lexical) or the reciprocal-rank fusion of both (hybrid); ``components`` (with ``explain``):
+    ``dense`` / ``lexical`` scores and their ranks, and ``fused``."""
 
     expert: str
     id: str
@@ -59,9 +61,13 @@ class Hit:
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
     source: Optional[str] = None
+    components: Optional[dict[str, float]] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["components"] is None:
+            del d["components"]
+        return d
 
 
 @dataclass

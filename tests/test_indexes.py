@@ -45,7 +45,7 @@ def assert_consistent(db) -> None:
     fts = {r[0] for r in q("SELECT rowid FROM documents_fts")}
     assert fts == set(docs)
     for rid, (eid, emb, text) in list(docs.items())[:20]:  # each text finds its own row by its words
-        ids, _ = db.store.text.search(text, 50, [eid])
+        ids, _, _ = db.store.text.search(text, 50, [eid])
         assert rid in set(ids.tolist())
     for eid, n, vs in q("SELECT id, n_docs, vec_sum FROM experts"):
         members = [np.frombuffer(e, "<f4") for i, (x, e, _) in docs.items() if x == eid]
@@ -152,9 +152,9 @@ SYNTAX = ['"', '""', "*", "a*", "NEAR(a b)", "-x", "a:b", "title:foo", "(", ")",
                  st.lists(st.sampled_from(SYNTAX + WORDS), max_size=8).map(" ".join)))
 def test_user_text_is_never_fts5_syntax(fts_db, text):
     db = fts_db
-    ids, scores = db.store.text.search(text, 5)
+    ids, scores, _ = db.store.text.search(text, 5)
     assert len(ids) == len(scores) <= 5
-    ids2, _ = db.store.text.search(text, 5, [db.catalog.require("words").get("id")])
+    ids2, _, _ = db.store.text.search(text, 5, [db.catalog.require("words").get("id")])
     assert set(ids2.tolist()) <= set(r[0] for r in db.store.q("SELECT id FROM documents"))
 
 
@@ -175,11 +175,11 @@ def test_bm25_ranks_by_rare_words_and_filters_by_expert(tmp_path):
                       vectors=unit(rng, 3))
         db.add_expert("b", ["E1234 also appears here", "the the the"], vectors=unit(rng, 2),
                       metadata={"k": 1})
-        ids, s = db.store.text.search('error "E1234"', 5)
+        ids, s, _ = db.store.text.search('error "E1234"', 5)
         texts = dict(db.store.q("SELECT id, text FROM documents"))
         assert texts[int(ids[0])].startswith("the error code E1234")
         assert list(s) == sorted(s, reverse=True)
-        only_b, _ = db.store.text.search("E1234", 5, [db.catalog.require("b")["id"]])
+        only_b, _, _ = db.store.text.search("E1234", 5, [db.catalog.require("b")["id"]])
         assert [texts[int(i)] for i in only_b] == ["E1234 also appears here"]
         assert match_expression("NEAR(a -b) c:d*") == '"near" OR "a" OR "b" OR "c" OR "d"'
 
@@ -246,3 +246,29 @@ def test_kill_during_ingest_leaves_the_indexes_in_step(tmp_path):
         with vdb(path) as db:
             assert db.store.q1("PRAGMA integrity_check")[0] == "ok"
             assert_consistent(db)
+
+
+def test_hybrid_finds_an_exact_identifier_that_dense_misses(tmp_path, embedder):
+    """Error codes are strings MiniLM barely tells apart; BM25 matches them exactly, and hybrid keeps that."""
+    causes = ["the replication slot is full", "the disk quota is exceeded", "a lock wait timed out",
+              "the certificate expired", "the index is corrupt", "the network is unreachable",
+              "the schema version is newer", "the password is wrong", "the table does not exist",
+              "the transaction was rolled back", "the connection pool is exhausted", "the query was cancelled"]
+    docs = [f"Error E40{11 + i} means {c}." for i, c in enumerate(causes)]
+    with moedb.connect(str(tmp_path / "h.moedb"), embedder=embedder) as db:
+        db.add_expert("ops", docs[:6])
+        db.add_expert("db", docs[6:])
+        found = {m: 0 for m in ("dense", "lexical", "hybrid")}
+        for i, want in enumerate(docs):
+            q = f"what is error E40{11 + i}"
+            for m in found:
+                found[m] += db.search(q, k=1, retrieval=m)[0].text == want
+        assert found["lexical"] == len(docs)
+        assert found["dense"] <= 4 and found["hybrid"] >= found["dense"] + 5, found
+        hit = db.search("what is error E4021", k=3, retrieval="hybrid", explain=True)[0]
+        assert hit.text == docs[10] and hit.components["lexical_rank"] == 1
+        assert hit.components.get("dense_rank", 99) > 1  # dense alone ranks it lower
+        assert hit.score == pytest.approx(float(embedder.embed(["what is error E4021"])[0] @
+                                                embedder.embed([docs[10]])[0]), abs=1e-4)  # score: the cosine
+        with pytest.raises(moedb.errors.InvalidInput, match="retrieval"):
+            db.search("x", retrieval="bm25")

@@ -63,6 +63,9 @@ class Documents(Protocol):
                           ) -> dict[int, tuple[list[int], list[str], bytes, list[int]]]:
         """``{expert_id: (rowids, texts, concatenated <f4 embeddings, tuned flags)}`` for fitting the gate."""
         ...
+    def sample(self, expert_id: int, n: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Up to ``n`` documents of an expert, the same while it is unchanged: ``(rowids, texts, vectors (m, d))``."""
+        ...
     def vectors_by_rowid(self, rowids: Sequence[int], dim: int) -> np.ndarray:
         """The stored vectors ``(len(rowids), dim)`` float32 of these documents, in that order."""
         ...
@@ -190,8 +193,9 @@ class VectorSearch(Protocol):
 class TextSearch(Protocol):
     """BM25 over passage titles and texts (kept in step with the documents in their transactions)."""
     def search(self, text: str, k: int, expert_ids: Optional[Sequence[int]] = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """``(rowids (m,), BM25 scores (m,))`` best first; user text is plain words, never query syntax."""
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rowids (m,), BM25 scores (m,), expert ids (m,))`` best first; user text is plain words, never
+        query syntax."""
         ...
 
 

@@ -128,6 +128,17 @@ class DocumentTable:
         m = np.frombuffer(b"".join(r[1] for r in rows), dtype=F4).reshape(len(rows), -1).astype(np.float32)
         return ids, m
 
+    def sample(self, expert_id: int, n: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Up to ``n`` of an expert's documents, the same ones every time while it is unchanged (a fixed
+        hash of the row id orders them): ``(rowids (m,) int64, texts, unit vectors (m, d) float32)``."""
+        rows = self.db.q("SELECT id, text, embedding FROM documents WHERE expert_id=? "
+                         "ORDER BY (id * 2654435761) % 4294967296 LIMIT ?", (expert_id, int(n)))
+        if not rows:
+            return np.zeros(0, np.int64), [], np.zeros((0, 0), np.float32)
+        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        m = np.frombuffer(b"".join(r[2] for r in rows), dtype=F4).reshape(len(rows), -1).astype(np.float32)
+        return ids, [r[1] for r in rows], m
+
     def by_rowid(self, rowids: Sequence[int]) -> dict[int, dict[str, Any]]:
         if not len(rowids):
             return {}
@@ -164,11 +175,13 @@ class DocumentTable:
         return {i: (a, b, b"".join(c), t) for i, (a, b, c, t) in out.items()}
 
     def vectors_by_rowid(self, rowids: Sequence[int], dim: int) -> np.ndarray:
-        """The stored vectors ``(len(rowids), dim)`` float32 of these documents, in that order."""
+        """The stored vectors ``(len(rowids), dim)`` float32 of these documents, in that order (zeros for a
+        row id that is not there)."""
         out = np.zeros((len(rowids), dim), dtype=np.float32)
-        pos = {int(r): i for i, r in enumerate(rowids)}
-        for rid, emb in self.db.q("SELECT id, embedding FROM documents"):
-            i = pos.get(rid)
-            if i is not None:
-                out[i] = np.frombuffer(emb, dtype=F4)
+        pos: dict[int, list[int]] = {}
+        for i, r in enumerate(rowids):
+            pos.setdefault(int(r), []).append(i)
+        for rid, emb in self.db.in_chunks("SELECT id, embedding FROM documents WHERE id IN ({marks})", list(pos)):
+            if emb is not None:
+                out[pos[rid]] = np.frombuffer(emb, dtype=F4)
         return out

@@ -36,16 +36,16 @@ class TextIndex:
         self.db = db
 
     def search(self, text: str, k: int, expert_ids: Optional[Sequence[int]] = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``k`` passages that best match the words of ``text``, inside the given experts (``None``: all).
 
-        Returns ``(rowids (m,) int64, BM25 scores (m,) float64)``, best first, ``m <= k``; higher is better
-        (FTS5's ``bm25()`` is negated). A text without words matches nothing.
+        Returns ``(rowids (m,) int64, BM25 scores (m,) float64, expert ids (m,) int64)``, best first,
+        ``m <= k``; higher is better (FTS5's ``bm25()`` is negated). A text without words matches nothing.
         """
         expr = match_expression(text)
         if not expr or k < 1 or (expert_ids is not None and not len(expert_ids)):
-            return np.zeros(0, np.int64), np.zeros(0, np.float64)
-        base = (f"SELECT f.rowid, -bm25({TABLE}) AS s FROM {TABLE} f JOIN documents d ON d.id = f.rowid "
+            return np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64)
+        base = (f"SELECT f.rowid, -bm25({TABLE}) AS s, d.expert_id FROM {TABLE} f JOIN documents d ON d.id = f.rowid "
                 f"WHERE {TABLE} MATCH ?")
         rows: list[tuple] = []
         if expert_ids is None:
@@ -59,4 +59,5 @@ class TextIndex:
             rows.sort(key=lambda r: (-r[1], r[0]))
             rows = rows[:k]
         return (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
-                np.fromiter((r[1] for r in rows), np.float64, len(rows)))
+                np.fromiter((r[1] for r in rows), np.float64, len(rows)),
+                np.fromiter((r[2] for r in rows), np.int64, len(rows)))

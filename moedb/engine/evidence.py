@@ -1,0 +1,83 @@
+"""The passage evidence of one file's router: fitted once per gate, stored beside it, reused by every process.
+
+:class:`EvidenceService` samples each routed expert's passages (at most ``evidence_sample`` in all, spread
+over the experts), makes pseudo-queries of the first words of some of them, and fits a
+:class:`~moedb.routing.evidence.PassageEvidence` whose weight says how much the route should trust the
+nearest passages over the gate on this file (see that module). The fit is keyed by the gate's key, so it
+follows every refit; it is stored as the artefact ``evidence``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import MoedbError
+from ..routing.evidence import PassageEvidence
+from ..store import Store
+from .catalog import Catalog
+from .embedding import FileEmbedder
+
+PSEUDO_WORDS = 12  # a pseudo-query is a passage's first words, about a question's length (the middle
+# words measured worse on MTRAG: 88.3% vs 89.9% top-1)
+PSEUDO_QUERIES = 400  # pseudo-queries in all, spread over the experts (at least 2 each)
+
+
+class EvidenceService:
+    """Passage evidence for the router of ``store``'s file."""
+
+    def __init__(self, store: Store, catalog: Catalog, embedding: FileEmbedder):
+        self.store = store
+        self.catalog = catalog
+        self.embedding = embedding
+        self._current: Optional[tuple[str, PassageEvidence]] = None
+
+    def current(self, router) -> Optional[PassageEvidence]:
+        """The evidence fitted for ``router`` (loaded or fitted and stored), ``None`` when it is turned off."""
+        if router is None or not self.catalog.settings.passage_evidence:
+            return None
+        if self._current is not None and self._current[0] == router.key:
+            return self._current[1]
+        stored = self.store.artefacts.get("evidence")
+        ev = None
+        if stored is not None and stored[0] == router.key:
+            try:
+                ev = PassageEvidence.from_bytes(stored[1])
+            except (ValueError, KeyError, OSError):
+                ev = None
+        if ev is None or len(ev.scale_) != len(router.rows):
+            ev = self._fit(router)
+            self.store.artefacts.put("evidence", router.key, ev.to_bytes(), ev.figures_)
+        self._current = (router.key, ev)
+        return ev
+
+    def _fit(self, router) -> PassageEvidence:
+        rows = router.rows
+        E = len(rows)
+        per = max(8, int(self.catalog.settings.evidence_sample) // max(E, 1))
+        per_q = max(1, PSEUDO_QUERIES // max(E, 1))
+        every = max(1, E // PSEUDO_QUERIES)  # beyond PSEUDO_QUERIES experts: pseudo-queries of every n-th one
+        X, cols, scale, texts, source, yq = [], [], np.zeros(E), [], [], []
+        start = 0
+        for j, row in enumerate(rows):
+            _, t, v = self.store.documents.sample(row["id"], per)
+            if not len(t):
+                continue
+            X.append(v)
+            cols += [j] * len(t)
+            scale[j] = row["size"] / len(t)
+            for i in range(min(per_q, len(t)) if j % every == 0 else 0):
+                if t[i].strip():
+                    texts.append(" ".join(t[i].split()[:PSEUDO_WORDS]))
+                    source.append(start + i)
+                    yq.append(j)
+            start += len(t)
+        Xs = np.concatenate(X) if X else np.zeros((0, self.embedding.dim), np.float32)
+        src = np.asarray(source, np.int64)
+        try:
+            Vq = self.embedding.embed(texts) if texts else np.zeros((0, self.embedding.dim), np.float32)
+            qtexts: Any = texts
+        except MoedbError:  # an embedder of vectors only: the sampled passages stand for the questions
+            Vq, qtexts = Xs[src], None
+        Zq = router.score(Vq, qtexts, None)[1] if len(src) else np.zeros((0, E))
+        return PassageEvidence().fit(Xs, np.asarray(cols, np.int64), scale, Zq, Vq, np.asarray(yq, np.int64), src)
