@@ -1,5 +1,10 @@
-"""Text checks shared by every place text enters moedb."""
+"""Text checks shared by every place text enters moedb, and the English function words that carry no
+topic (skipped by full-text matching and by routing explanations)."""
 from __future__ import annotations
+
+STOPWORDS = frozenset("""a an and are as at be been but by can could did do does for from had has have how i if in
+into is it its me my of on or our please so than that the their them then there these they this to was we were
+what when where which who why will with would you your""".split())
 
 
 def is_unicode(text: str) -> bool:

@@ -181,7 +181,9 @@ def test_bm25_ranks_by_rare_words_and_filters_by_expert(tmp_path):
         assert list(s) == sorted(s, reverse=True)
         only_b, _, _ = db.store.text.search("E1234", 5, [db.catalog.require("b")["id"]])
         assert [texts[int(i)] for i in only_b] == ["E1234 also appears here"]
-        assert match_expression("NEAR(a -b) c:d*") == '"near" OR "a" OR "b" OR "c" OR "d"'
+        assert match_expression("NEAR(x -b) c:d*") == '"near" OR "x" OR "b" OR "c" OR "d"'
+        assert match_expression("what is the E1234") == '"e1234"'  # function words left out...
+        assert match_expression("what is the") == '"what" OR "is" OR "the"'  # ...unless nothing else is left
 
 
 def test_migration_moves_vectors_and_builds_the_text_index(tmp_path):

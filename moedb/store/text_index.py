@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..text import STOPWORDS
 from .connection import CHUNK, Connection
 
 TABLE = "documents_fts"
@@ -24,9 +25,12 @@ MAX_TERMS = 64  # a pasted page as a query keeps its first 64 words
 
 
 def match_expression(text: str) -> str:
-    """An FTS5 MATCH expression for the words of ``text`` (empty when it has none)."""
-    words = _WORD.findall(text or "")[:MAX_TERMS]
-    return " OR ".join(f'"{w}"' for w in dict.fromkeys(w.lower() for w in words))
+    """An FTS5 MATCH expression for the words of ``text`` (empty when it has none). Function words
+    (:data:`moedb.text.STOPWORDS`) are left out unless the text has nothing else: they match nearly every
+    passage, which costs time and adds nothing to the ranking."""
+    words = list(dict.fromkeys(w.lower() for w in _WORD.findall(text or "")))
+    words = ([w for w in words if w not in STOPWORDS] or words)[:MAX_TERMS]
+    return " OR ".join(f'"{w}"' for w in words)
 
 
 class TextIndex:
