@@ -116,7 +116,7 @@ def test_registry_builds_typed_configs_with_defaults():
     from moedb.generate.config import REGISTRY
     from moedb.generate.schema import BaseConfig
 
-    assert BACKENDS == tuple(REGISTRY) == ("extractive", "llama", "mlx", "openai")
+    assert BACKENDS == tuple(REGISTRY) == ("extractive", "llama", "llama_server", "mlx", "openai")
     for name, (gen_cls, cfg_cls) in REGISTRY.items():
         assert gen_cls.backend == name and issubclass(cfg_cls, BaseConfig) and dataclasses.is_dataclass(cfg_cls)
     stored = validate_config({"backend": "openai", "base_url": "http://h:1/v1/", "stop": "END", "max_tokens": 7})

@@ -6,7 +6,6 @@ load it once, and that requests are grouped per adapter (adapters are not swappe
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 try:
@@ -18,35 +17,9 @@ except Exception as e:
 from moedb.generate import GenRequest, make_generator, validate_config
 from moedb.generate.llama import llama_stats, unload_all
 from moedb.generate.runner import plan_groups, run_batch
+from lora_helpers import write_lora  # tests/lora_helpers.py, shared with test_lora_server.py
 
 pytestmark = pytest.mark.shared
-
-
-def write_lora(base: str, out: str, seed: int, rank: int = 4, alpha: float = 8.0, std: float = 0.3,
-               targets=("attn_q", "attn_v", "ffn_up")) -> int:
-    """Write a LoRA adapter GGUF for ``base``: ``<tensor>.lora_a`` (rank, n_in) and ``.lora_b`` (n_out, rank)
-    for the targeted weights of every block, random normal values. Returns the number of adapted weights."""
-    import gguf
-
-    r = gguf.GGUFReader(base)
-    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
-    w = gguf.GGUFWriter(out, arch)
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", alpha)
-    rng = np.random.default_rng(seed)
-    n = 0
-    for t in r.tensors:
-        if any(t.name.endswith(f".{x}.weight") for x in targets):
-            n_in, n_out = int(t.shape[0]), int(t.shape[1])  # ggml order: ne0 = input features
-            w.add_tensor(t.name + ".lora_a", rng.normal(0, std, (rank, n_in)).astype(np.float32))
-            w.add_tensor(t.name + ".lora_b", rng.normal(0, std, (n_out, rank)).astype(np.float32))
-            n += 1
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return n
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The backend registry, and generator configurations at the boundary (plain dicts, stored as JSON).
 
-A configuration is a dict with a ``backend`` (``extractive``, ``llama``, ``mlx``, ``openai``) and
+A configuration is a dict with a ``backend`` (``extractive``, ``llama``, ``llama_server``, ``mlx``, ``openai``) and
 that backend's fields. A dict without ``backend`` is an *overlay*: it only sets common fields
 (``system_prompt``, limits, ...) on top of the database default generator.
 
@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from .base import Generator
 from .extractive import ExtractiveConfig, ExtractiveGenerator
 from .llama import LlamaConfig, LlamaGenerator
+from .llama_server import LlamaServerConfig, LlamaServerGenerator
 from .mlx import MlxConfig, MlxGenerator
 from .openai import OpenAIConfig, OpenAIGenerator
 from .schema import BaseConfig, err, parse
@@ -36,16 +37,32 @@ class Backend(NamedTuple):
 REGISTRY: dict[str, Backend] = {
     "extractive": Backend(ExtractiveGenerator, ExtractiveConfig),
     "llama": Backend(LlamaGenerator, LlamaConfig),
+    "llama_server": Backend(LlamaServerGenerator, LlamaServerConfig),
     "mlx": Backend(MlxGenerator, MlxConfig),
     "openai": Backend(OpenAIGenerator, OpenAIConfig),
 }
 BACKENDS = tuple(REGISTRY)
+# backends that need an optional package: backend -> (module, the moedb extra that installs it)
+EXTRAS: dict[str, tuple[str, str]] = {"llama": ("llama_cpp", "llama"), "mlx": ("mlx_lm", "mlx"),
+                                      "openai": ("openai", "openai"), "llama_server": ("openai", "openai")}
 
 
-def validate_config(cfg: Any, base_dir: Optional[str] = None) -> dict:
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # (ValueError: marked unimportable in sys.modules)
+        return False
+
+
+def validate_config(cfg: Any, base_dir: Optional[str] = None, expert: Optional[str] = None) -> dict:
     """The normalised configuration, or :class:`moedb.ConfigError` naming the bad field.
 
     ``base_dir``: where relative model/adapter paths are resolved (default: the current directory).
+    ``expert``: the expert it is set for, named in errors of the backend's outside-world check
+    (:meth:`BaseConfig.verify`, e.g. a llama-server's adapters).
     """
     if not isinstance(cfg, dict):
         raise ConfigError(f"generator must be a dict, got {type(cfg).__name__}")
@@ -58,7 +75,13 @@ def validate_config(cfg: Any, base_dir: Optional[str] = None) -> dict:
     entry = REGISTRY.get(backend) if isinstance(backend, str) else None
     if entry is None:
         raise err("backend", f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    return parse(entry.config, cfg, base_dir, backend)
+    if backend in EXTRAS and not _installed(EXTRAS[backend][0]):
+        module, extra = EXTRAS[backend]
+        raise err("backend", f"the {backend} backend needs the extra {extra!r}, which is not installed "
+                             f"(no module {module}): pip install \"moedb[{extra}]\"")
+    out = parse(entry.config, cfg, base_dir, backend)
+    entry.config.from_dict(out).verify(expert)
+    return out
 
 
 def effective_config(expert_cfg: Optional[dict], default_cfg: Optional[dict]) -> dict:

@@ -3,11 +3,11 @@ mlx_lm.server, Ollama, llama-cpp-python's server) at its own ``base_url``, throu
 ``openai`` SDK (extra ``openai``: ``pip install "moedb[openai]"``; imported when first used).
 
 Config fields: ``base_url`` (e.g. ``http://10.0.0.5:8080/v1``), ``model`` (sent as is, default
-``"default"``), ``api_key_env`` (the *name* of an environment variable holding the key; the key is
-never stored in the file; without it a placeholder key is sent, which servers without keys ignore),
-``lora`` (llama-server's per-request adapter selection: an adapter id or a list of ``{id, scale}``,
-sent in the request body), ``mode`` (``chat`` -> ``chat.completions``, ``completion`` ->
-``completions``; ``auto`` means chat), and the common fields.
+``"default"``), ``api_key_env`` (the *name* of an environment variable holding the key; the key is never
+stored in the file; without it a placeholder key is sent, which servers without keys ignore), ``lora``
+(llama-server's per-request adapter selection: an adapter id or a list of ``{id, scale}``, sent in the
+request body; the ``llama_server`` backend selects adapters by file name instead), ``mode`` (``chat`` ->
+``chat.completions``, ``completion`` -> ``completions``; ``auto`` means chat), and the common fields.
 
 ``timeout`` is a total per attempt: the SDK call gets the time left until the deadline (connect
 and every read), and a stream is cut when the deadline passes between two chunks. ``retries``
@@ -54,14 +54,21 @@ def server_lora(name: str, value: Any, base_dir: Optional[str]) -> list[dict[str
 
 
 @dataclass(frozen=True)
-class OpenAIConfig(BaseConfig):
-    """A server's ``base_url``, the model name it expects, where its key is, and adapter selection."""
+class ApiConfig(BaseConfig):
+    """The fields of every backend that talks to an OpenAI-compatible server: the model name it expects,
+    where its key is, and chat or completion."""
 
-    base_url: str = setting("", check=http_url, required=True)
     model: str = "default"
     api_key_env: Optional[str] = setting(None, check=env_name)
-    lora: Optional[list] = setting(None, check=server_lora)
     mode: Mode = "auto"
+
+
+@dataclass(frozen=True)
+class OpenAIConfig(ApiConfig):
+    """A server's ``base_url`` and llama-server adapter selection by id."""
+
+    base_url: str = setting("", check=http_url, required=True)
+    lora: Optional[list] = setting(None, check=server_lora)
 
 
 def _sdk() -> Any:
@@ -74,7 +81,7 @@ def _sdk() -> Any:
     return openai
 
 
-def _caused_by(e: BaseException, cls: type) -> bool:
+def caused_by(e: BaseException, cls: type) -> bool:
     """Whether ``cls`` is in the exception's cause chain (the SDK wraps the socket error)."""
     seen = 0
     x: Optional[BaseException] = e
@@ -86,12 +93,17 @@ def _caused_by(e: BaseException, cls: type) -> bool:
 
 
 class OpenAIGenerator(Generator):
-    """A model behind an OpenAI-compatible HTTP API."""
+    """A model behind an OpenAI-compatible HTTP API.
+
+    :meth:`base_url` (the API root) and :meth:`lora_body` (llama-server's per-request ``lora`` field)
+    are where a subclass (the ``llama_server`` backend) says where and with which adapters to ask;
+    building the request, timeouts, retries and error reporting stay here.
+    """
 
     backend = "openai"
-    config: OpenAIConfig
+    config: ApiConfig
 
-    def __init__(self, config: OpenAIConfig):
+    def __init__(self, config: ApiConfig):
         super().__init__(config)
         self._client_for: tuple[str, Any] = ("", None)  # (api key, SDK client)
         self._lock = threading.Lock()
@@ -101,7 +113,16 @@ class OpenAIGenerator(Generator):
         return ("openai", id(self))
 
     def describe(self) -> str:
-        return f"openai {self.config.base_url}"
+        return f"openai {self.base_url()}"
+
+    def base_url(self) -> str:
+        """The server's OpenAI API root (``http://host:port/v1``)."""
+        return self.config.base_url
+
+    def lora_body(self) -> Optional[list[dict[str, Any]]]:
+        """llama-server's per-request ``lora`` field ``[{"id", "scale"}]``, or None to send none."""
+        lora = self.config.lora  # an OpenAIConfig here; subclasses with other configs override this
+        return [dict(x) for x in lora] if lora else None
 
     def _api_key(self) -> str:
         env = self.config.api_key_env
@@ -118,7 +139,7 @@ class OpenAIGenerator(Generator):
         with self._lock:
             if self._client_for[0] != key or self._client_for[1] is None:
                 sdk = _sdk()
-                client = sdk.OpenAI(base_url=self.config.base_url, api_key=key, timeout=self.config.timeout,
+                client = sdk.OpenAI(base_url=self.base_url(), api_key=key, timeout=self.config.timeout,
                                     max_retries=0)
                 self._client_for = (key, client)
             return self._client_for[1]
@@ -131,8 +152,9 @@ class OpenAIGenerator(Generator):
                               "top_p": cfg.top_p, "seed": cfg.seed + req.seed_offset, "stream": stream}
         if cfg.stop:
             kw["stop"] = list(cfg.stop)
-        if cfg.lora:  # not an OpenAI field: llama-server reads it from the body
-            kw["extra_body"] = {"lora": [dict(x) for x in cfg.lora]}
+        lora = self.lora_body()
+        if lora:  # not an OpenAI field: llama-server reads it from the body
+            kw["extra_body"] = {"lora": lora}
         if cfg.mode == "completion":
             kw["prompt"] = messages_to_prompt(messages)
             return "completion", kw
@@ -144,7 +166,7 @@ class OpenAIGenerator(Generator):
         sdk = _sdk()
         kind, kw = self.request(req, stream=on_token is not None)
         api = client.completions if kind == "completion" else client.chat.completions
-        url = self.config.base_url + ("/completions" if kind == "completion" else "/chat/completions")
+        url = self.base_url() + ("/completions" if kind == "completion" else "/chat/completions")
         try:
             left = deadline - time.perf_counter()
             if left <= 0:
@@ -159,9 +181,9 @@ class OpenAIGenerator(Generator):
         except sdk.APIStatusError as e:
             raise self._status_error(url, e) from None
         except Exception as e:  # APITimeoutError, APIConnectionError, a broken stream, a bad response
-            if isinstance(e, sdk.APITimeoutError) or _caused_by(e, TimeoutError):
+            if isinstance(e, sdk.APITimeoutError) or caused_by(e, TimeoutError):
                 raise self._timed_out(url) from None
-            if _caused_by(e, ConnectionRefusedError):
+            if caused_by(e, ConnectionRefusedError):
                 raise GenerationError(f"{url}: connection refused (is the server running?)") from None
             if isinstance(e, sdk.APIConnectionError):
                 cause = e.__cause__ or e

@@ -77,6 +77,10 @@ class BaseConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
 
+    def verify(self, expert: Optional[str] = None) -> None:
+        """Checks that need the outside world (a server's adapters), run when the configuration is set:
+        :class:`moedb.ConfigError` naming ``expert`` and the field. Most backends have none."""
+
 
 class _Spec(NamedTuple):
     check: Check
