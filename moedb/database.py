@@ -24,6 +24,7 @@ from .ask import Answer, Generation
 from .engine.balancing import Balancing
 from .engine.catalog import Catalog
 from .engine.embedding import FileEmbedder
+from .engine.evidence import EvidenceService
 from .engine.experts import Document, ExpertEditor, check_generator
 from .engine.gate import GateService
 from .engine.retrieval import Retrieval
@@ -60,8 +61,9 @@ class Database:
         self.gate = GateService(store, self.catalog, emb)
         self.retrieval = Retrieval(store, self.catalog, emb)
         self.balancing = Balancing(store, self.catalog)
+        self.evidence = EvidenceService(store, self.catalog, emb)
         self.router = RouteService(store, self.catalog, emb, self.gate, self.retrieval, self.balancing,
-                                   log_queries=log_queries)
+                                   log_queries=log_queries, evidence=self.evidence)
         self.feedback_service = FeedbackService(store, self.catalog, emb, self.gate, self.router)
         self.evolution = Evolution(store, self.catalog, self.gate, self.feedback_service)
         self.tuner = Tuner(store, self.catalog, emb)
@@ -128,15 +130,21 @@ class Database:
                    keywords: Optional[Sequence[str]] = None, parent: Optional[str] = None,
                    metadata: Optional[dict] = None, vectors: Optional[np.ndarray] = None,
                    generator: Optional[dict] = None, progress: Progress = None, refuse: bool = False,
-                   files: Optional[Sequence[str]] = None, chunk_size: int = 1000) -> Expert:
+                   files: Optional[Sequence[str]] = None, chunk_size: Optional[int] = None,
+                   chunk_tokens: Optional[int] = None, overlap: Optional[int] = None) -> Expert:
         """Create an expert, optionally with documents (texts, dicts, passages of ``files``), in one transaction.
+
+        ``files`` become passages of at most ``chunk_tokens`` of the embedder's tokens (default
+        ``min(256, its limit)``) with ``overlap`` tokens (default 32) where a paragraph is cut, titled by their
+        markdown headings; ``chunk_size`` (characters) instead splits by characters as before.
 
         ``refuse=True`` makes a *refusal expert*: its documents are examples of queries that none of the
         experts should answer; a route whose best match it is abstains (``r.refused_by``).
         """
         return self.editor.add_expert(name, documents, description=description, keywords=keywords, parent=parent,
                                         metadata=metadata, vectors=vectors, generator=generator, progress=progress,
-                                        refuse=refuse, files=files, chunk_size=chunk_size)
+                                        refuse=refuse, files=files, chunk_size=chunk_size,
+                                        chunk_tokens=chunk_tokens, overlap=overlap)
 
     def update_expert(self, name: str, *, description: Optional[str] = None, keywords: Optional[Sequence[str]] = None,
                       parent: Any = ..., metadata: Optional[dict] = None, refuse: Optional[bool] = None) -> Expert:
@@ -148,16 +156,26 @@ class Database:
         """Delete an expert and its documents; its children become roots."""
         self.editor.remove_expert(name)
 
-    def add_documents(self, name: str, documents: Sequence[Document], vectors: Optional[np.ndarray] = None, *,
-                      on_conflict: str = "error", progress: Progress = None) -> int:
-        """Add documents to an expert in one transaction; returns how many were added."""
+    def add_documents(self, name: str, documents: Optional[Sequence[Document]] = None,
+                      vectors: Optional[np.ndarray] = None, *, on_conflict: str = "error",
+                      progress: Progress = None) -> int:
+        """Add documents to an expert in one transaction; returns how many were added.
+
+        ``vectors`` ``(n, d)``: their embeddings (else they are embedded). With vectors, ``documents`` may be
+        left out (or be dicts with only ``id`` / ``metadata``): documents without text, routed by their vector,
+        returned by id and metadata."""
         return self.editor.add_documents(name, documents, vectors, on_conflict=on_conflict, progress=progress)
 
-    def add_files(self, name: str, paths: Sequence[str], *, chunk_size: int = 1000, on_conflict: str = "error",
+    def add_files(self, name: str, paths: Sequence[str], *, chunk_size: Optional[int] = None,
+                  chunk_tokens: Optional[int] = None, overlap: Optional[int] = None, on_conflict: str = "error",
                   progress: Progress = None) -> int:
-        """Split files (or directories of .txt/.md/.jsonl) into passages and add them in one transaction."""
-        return self.editor.add_files(name, paths, chunk_size=chunk_size, on_conflict=on_conflict,
-                                       progress=progress)
+        """Split files (or directories of .txt/.md/.jsonl) into passages and add them in one transaction.
+
+        Passages hold at most ``chunk_tokens`` of the embedder's tokens (default ``min(256, its limit)``),
+        ``overlap`` (default 32) where a paragraph is cut; ``chunk_size`` (characters) instead splits by
+        characters. Ids are ``source#position``: adding the same files again gives the same ids."""
+        return self.editor.add_files(name, paths, chunk_size=chunk_size, chunk_tokens=chunk_tokens,
+                                       overlap=overlap, on_conflict=on_conflict, progress=progress)
 
     def remove_documents(self, name: str, ids: Sequence[str]) -> int:
         """Remove documents by id; returns how many were removed."""
@@ -174,24 +192,30 @@ class Database:
     # ------------------------------------------------------------------ routing and retrieval
     def route(self, query: Union[str, np.ndarray], top_k: int = 2, k: int = 5,
               min_confidence: Optional[float] = None, *, log: Optional[bool] = None, explain: bool = False,
-              context: Optional[Sequence[str]] = None) -> RouteResult:
+              context: Optional[Sequence[str]] = None, retrieval: Optional[str] = None) -> RouteResult:
         """Route one query (text or vector of shape ``(d,)``) to experts and retrieve passages.
 
         ``min_confidence=None``: the database default (the calibrated scope rule unless configured);
         a number is a rule on the top confidence, ``0.0`` never abstains. ``explain=True`` fills the
-        score components; ``context``: earlier turns of a conversation.
+        score components (of experts and of hits); ``context``: earlier turns of a conversation;
+        ``retrieval``: ``"hybrid"`` (BM25 + dense, fused), ``"dense"`` or ``"lexical"`` (default: the setting).
         """
-        return self.router.route(query, top_k, k, min_confidence, log=log, explain=explain, context=context)
+        return self.router.route(query, top_k, k, min_confidence, log=log, explain=explain, context=context,
+                                 retrieval=retrieval)
 
     def route_many(self, queries: Sequence[Union[str, np.ndarray]], top_k: int = 2, k: int = 5,
                    min_confidence: Optional[float] = None, *, log: Optional[bool] = None, explain: bool = False,
-                   context: Optional[Sequence[str]] = None) -> list[RouteResult]:
+                   context: Optional[Sequence[str]] = None, retrieval: Optional[str] = None) -> list[RouteResult]:
         """Route a batch of queries: one embedding call, vectorised gating, one log transaction."""
-        return self.router.route_many(queries, top_k, k, min_confidence, log=log, explain=explain, context=context)
+        return self.router.route_many(queries, top_k, k, min_confidence, log=log, explain=explain, context=context,
+                                      retrieval=retrieval)
 
-    def search(self, query: Union[str, np.ndarray], k: int = 10, experts: Optional[Sequence[str]] = None) -> list[Hit]:
-        """Exhaustive search over every document (or only the named experts): the baseline."""
-        return self.retrieval.search(query, k, experts)
+    def search(self, query: Union[str, np.ndarray], k: int = 10, experts: Optional[Sequence[str]] = None, *,
+               retrieval: Optional[str] = None, explain: bool = False) -> list[Hit]:
+        """Exhaustive search over every document (or only the named experts): the baseline.
+        ``retrieval``: ``"hybrid"``, ``"dense"`` or ``"lexical"`` (default: the setting); ``explain``: each
+        hit's components."""
+        return self.retrieval.search(query, k, experts, retrieval=retrieval, explain=explain)
 
     def refit_router(self, recalibrate: bool = True) -> dict[str, Any]:
         """Refit the gate now (a full calibration unless ``recalibrate=False``); returns its figures."""
@@ -199,8 +223,12 @@ class Database:
 
     def warm_router(self) -> dict[str, Any]:
         """Do now what the next route would do (load the stored gate, or refit it after changes), so that
-        route does not pay for it; returns the gate's figures."""
-        return self.gate.figures()
+        route does not pay for it (the passage evidence too); returns the gate's figures."""
+        figures = self.gate.figures()
+        ev = self.evidence.current(self.gate.current())
+        if ev is not None:
+            figures["evidence"] = {k: ev.figures_[k] for k in ("weight", "depth", "sample") if k in ev.figures_}
+        return figures
 
     def router_figures(self) -> dict[str, Any]:
         """Figures of the current gate (fitting it first if the experts changed)."""

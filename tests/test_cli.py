@@ -182,7 +182,7 @@ def test_every_command_is_registered():
     names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
     assert names == {"init", "add-expert", "add-docs", "list", "show", "remove-expert", "route", "search",
                      "feedback", "ingest-feedback", "retrain", "split", "merge", "rename", "optimize", "stats",
-                     "tune-embedder", "ask", "set-generator", "set-strategy", "apply"}
+                     "tune-embedder", "ask", "set-generator", "set-strategy", "apply", "serve"}
 
 
 def test_a_failing_first_command_leaves_no_file(tmp_path):

@@ -42,9 +42,14 @@ def test_route_picks_the_expert_whose_documents_match(topical):
         assert r.experts[0].confidence > r.experts[1].confidence
         assert r.hits and r.hits[0].expert == want
         assert all(h.expert in {e.name for e in r.experts} for h in r.hits)
-        scores = [h.score for h in r.hits]
-        assert scores == sorted(scores, reverse=True)
         assert 0.0 <= r.experts[1].confidence <= r.experts[0].confidence <= 1.0
+        dense = topical.route(q, top_k=2, k=3, min_confidence=0.0, retrieval="dense", log=False)
+        scores = [h.score for h in dense.hits]
+        assert scores == sorted(scores, reverse=True)  # dense: ordered by cosine
+        hybrid = topical.route(q, top_k=2, k=3, min_confidence=0.0, retrieval="hybrid", log=False, explain=True)
+        fused = [h.components["fused"] for h in hybrid.hits]
+        assert fused == sorted(fused, reverse=True)  # hybrid: ordered by the fused rank
+        assert [h.id for h in hybrid.hits] == [h.id for h in r.hits]  # (hybrid is the default)
 
 
 def test_hit_scores_are_true_cosines(topical, embedder):

@@ -181,8 +181,9 @@ def test_refusal_expert_on_real_text_and_cli(db, db_path):
         db.add_expert(name, docs)
     unseen = ["what car should I buy for commuting", "how much can I sell my old sedan for",
               "cheapest car insurance for students", "should I lease a new SUV"]
-    # without examples of what is out of scope, these car questions look close enough to be answered
-    assert sum(not r.abstained for r in db.route_many(unseen, top_k=1, k=0, log=False)) >= 3
+    # without examples of what is out of scope, some of these car questions look close enough to be answered
+    # (the small-collection scope rule, issue 16, already refuses the farthest of them)
+    assert sum(not r.abstained for r in db.route_many(unseen, top_k=1, k=0, log=False)) >= 1
     db.add_expert("not-our-business", NOT_OURS, refuse=True, description="car buying, selling, insurance")
     inside = {"my tire keeps losing air": "tires", "how often should I change the oil": "engine",
               "the car vibrates at 70 mph": "tires", "check engine light is on": "engine"}

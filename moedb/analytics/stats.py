@@ -112,6 +112,10 @@ def stats_plot(stats: dict[str, Any], path: str, top: int = 8) -> str:
             lbl.set_horizontalalignment("right")
     a2.set_title(f"load over time ({fmt_width(lot['bucket_seconds'])} buckets)")
     a2.set_ylabel("queries")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a1, a2):  # counts of queries: whole numbers on the y axes, never 0.5 of a query
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -21,7 +21,7 @@ from ..generate import GenerationError, GenRequest, effective_config, make_gener
 from ..generate.runner import run_batch
 from ..store import Store
 from .answer import Answer, Citation, answer_scores, token_usage
-from .synth import STRATEGIES, Contribution, Session, Slot, check_strategy
+from .synth import STRATEGIES, Contribution, Session, Slot, check_strategy, failed_text
 
 ABSTAIN_TEXT = ("No expert is confident enough to answer this question (the router abstained). "
                 "Configure a fallback generator (`moedb set-generator --fallback ...`) to answer anyway.")
@@ -42,7 +42,7 @@ class Generation:
     def set_generator(self, name: str, generator: Optional[dict]) -> dict:
         """Set (or with ``None`` clear) an expert's generator; validated now. Returns the stored config."""
         row = self.catalog.require(name)
-        cfg = validate_config(generator) if generator is not None else None
+        cfg = validate_config(generator, expert=name) if generator is not None else None
         self.store.experts.update(row["id"], generator=cfg)
         self.catalog.touch()
         return cfg
@@ -149,6 +149,18 @@ class Generation:
         t0 = time.perf_counter()
         syn_out = STRATEGIES[plan["strategy"]](session)
         strat_s = time.perf_counter() - t0
+        if not any(c.ok and c.role == "expert" for c in syn_out.contributions):
+            # every expert that fits failed: say so (which and why); answer anyway only from a fallback
+            # generator the caller configured, never from an expert routing dropped
+            syn_out.text = failed_text(syn_out.contributions)
+            syn_out.extra["failed"] = [c.expert for c in syn_out.contributions if c.role == "expert"]
+            fb = fb_cfg or self.store.get_meta("fallback_generator")
+            if fb:
+                c = self._fallback(query, fb, None)
+                syn_out.contributions.append(c)
+                syn_out.extra["fallback"] = True
+                if c.ok:
+                    syn_out.text += "\n\nA general answer (the fallback generator, without passages):\n" + c.answer
         if stream is not None and not syn_out.streamed:
             stream(syn_out.text)
         contributions = syn_out.contributions
@@ -169,18 +181,10 @@ class Generation:
         t0 = time.perf_counter()
         streamed = False
         if fb:
-            gen = make_generator(fb)
-            try:
-                g = gen.generate(GenRequest(query=query, expert="general", role="fallback"), on_token=stream)
-                streamed = stream is not None
-                c = Contribution(expert="fallback", answer=g.text, tokens=g.completion_tokens,
-                                 prompt_tokens=g.prompt_tokens, time=g.seconds, ok=bool(g.text.strip()),
-                                 backend=gen.backend, attempts=g.attempts, role="fallback")
-                if c.ok:
-                    text = g.text
-            except GenerationError as e:
-                c = Contribution(expert="fallback", ok=False, error=str(e), timed_out=e.timed_out,
-                                 backend=gen.backend, role="fallback")
+            c = self._fallback(query, fb, stream)
+            streamed = stream is not None and c.error is None
+            if c.ok:
+                text = c.answer
             contributions.append(c)
         if stream is not None and not streamed:
             stream(text)
@@ -189,6 +193,19 @@ class Generation:
                    "total_ms": (time.perf_counter() - t_start) * 1000.0}
         return Answer(text=text, contributions=contributions, citations=[], usage=token_usage(contributions, None),
                       latency=latency, abstained=True, extra={"fallback": bool(fb)}, **common)
+
+    @staticmethod
+    def _fallback(query: str, fb: dict, stream) -> Contribution:
+        """The fallback generator's answer to ``query`` (no passages), as a ``role="fallback"`` contribution."""
+        gen = make_generator(fb)
+        try:
+            g = gen.generate(GenRequest(query=query, expert="general", role="fallback"), on_token=stream)
+        except GenerationError as e:
+            return Contribution(expert="fallback", ok=False, error=str(e), timed_out=e.timed_out,
+                                backend=gen.backend, role="fallback")
+        return Contribution(expert="fallback", answer=g.text, tokens=g.completion_tokens,
+                            prompt_tokens=g.prompt_tokens, time=g.seconds, ok=bool(g.text.strip()),
+                            backend=gen.backend, attempts=g.attempts, role="fallback")
 
     @staticmethod
     def _citations(text: str, contributions: list[Contribution], used_experts: Optional[list[str]] = None

@@ -196,6 +196,16 @@ def _ok(cs: list[Contribution]) -> list[Contribution]:
     return [c for c in cs if c.ok]
 
 
+def failed_text(cs: list[Contribution]) -> str:
+    """What an answer says when every expert routing chose failed: which ones and why (no other expert fits)."""
+    bad = [c for c in cs if c.role == "expert" and not c.ok]
+    names = ", ".join(dict.fromkeys(c.expert for c in bad)) or "none"
+    why = "; ".join(dict.fromkeys(f"{c.expert}: {c.error}" for c in bad if c.error))
+    return (f"No answer: the expert{'s' if len(set(c.expert for c in bad)) > 1 else ''} that fit this question "
+            f"failed ({names}){': ' + why if why else ''}. No other expert fits this question, so none was asked "
+            "instead.")
+
+
 def _none_answered(cs: list[Contribution]) -> str:
     why = "; ".join(f"{c.expert}: {c.error}" for c in cs if not c.ok)
     return "No expert could answer" + (f" ({why})." if why else ".")
@@ -237,16 +247,52 @@ def weighted(s: Session) -> Synthesis:
     experts that answered, and the answers are shown by decreasing weight (``min_weight`` drops
     the lightest, default 0.05).
 
+    ``mix_adapters=1``: when the chosen experts are LoRA adapters on one llama-server (backend
+    ``llama_server``), one answer is generated with their adapters applied together, each at its
+    scale x its weight (experts under ``min_weight`` left out, weights renormalised); otherwise the
+    answers are combined as above and ``extra["mix_error"]`` says why they could not be mixed.
+
     The default: use it when several experts may be relevant and the router's confidence should
     decide what comes first.
     """
+    min_w = float(s.options.get("min_weight", 0.05))
+    mix_error = None
+    if s.options.get("mix_adapters"):
+        mixed, mix_error = _mixed(s, min_w)
+        if mixed is not None:
+            return mixed
     cs = s.ask()
     _weights(cs)
-    min_w = float(s.options.get("min_weight", 0.05))
     ok = sorted(_ok(cs), key=lambda c: -(c.weight or 0.0))
     keep = [c for c in ok if (c.weight or 0.0) >= min_w] or ok[:1]
     text = _sections(keep, lambda c: f"weight {c.weight:.2f}") if keep else _none_answered(cs)
-    return Synthesis(text, cs, {"weights": {c.expert: c.weight for c in ok}})
+    extra: dict[str, Any] = {"weights": {c.expert: c.weight for c in ok}}
+    if mix_error is not None:
+        extra["mix_error"] = mix_error
+    return Synthesis(text, cs, extra)
+
+
+def _mixed(s: Session, min_w: float) -> tuple[Optional[Synthesis], Optional[str]]:
+    """``weighted`` with ``mix_adapters``: one generation from the experts' adapters mixed by routing weight,
+    or ``(None, why)`` when their generators cannot be mixed."""
+    from ..generate import mix_adapters
+
+    total = sum(max(sl.confidence, 0.0) for sl in s.slots)
+    share = {sl.name: max(sl.confidence, 0.0) / total if total > 0 else 1.0 / len(s.slots) for sl in s.slots}
+    keep = [sl for sl in s.slots if share[sl.name] >= min_w] or s.slots[:1]
+    kept = sum(share[sl.name] for sl in keep)
+    weights = {sl.name: share[sl.name] / kept if kept > 0 else 1.0 / len(keep) for sl in keep}
+    try:
+        gen = mix_adapters([(sl.generator, weights[sl.name]) for sl in keep])
+    except ConfigError as e:
+        return None, str(e)
+    slot = Slot("+".join(sl.name for sl in keep), sum(sl.confidence for sl in keep),
+                [h for sl in keep for h in sl.passages], gen)
+    c = s.ask([slot], stream=True)[0]
+    c.weight = 1.0
+    text = c.answer if c.ok else _none_answered([c])
+    return Synthesis(text, [c], {"weights": weights, "mixed": [sl.name for sl in keep]},
+                     streamed=c.ok and s.on_token is not None), None
 
 
 def best_only(s: Session) -> Synthesis:
@@ -387,7 +433,7 @@ STRATEGIES: dict[str, Callable[[Session], Synthesis]] = {
     "debate": debate, "voting": voting, "cascade": cascade, "best_of_n": best_of_n,
 }
 OPTIONS: dict[str, dict[str, type]] = {
-    "weighted": {"min_weight": float}, "cascade": {"min_score": float}, "best_of_n": {"n": int},
+    "weighted": {"min_weight": float, "mix_adapters": int}, "cascade": {"min_score": float}, "best_of_n": {"n": int},
 }
 COLLABORATIONS = ("parallel", "sequential")
 
@@ -414,5 +460,7 @@ def check_strategy(strategy: Any, collaboration: Any = "parallel", rounds: Any =
             raise ConfigError(f"options.{k}: must be {'an integer' if typ is int else 'a number'}, got {v!r}")
         if k == "n" and not (1 <= v <= 16):
             raise ConfigError(f"options.n: must be between 1 and 16, got {v}")
+        if k == "mix_adapters" and v not in (0, 1):
+            raise ConfigError(f"options.mix_adapters: must be 0 or 1, got {v}")
         opts[k] = typ(v)
     return {"strategy": strategy, "collaboration": collaboration, "rounds": rounds, "options": opts}

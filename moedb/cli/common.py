@@ -56,11 +56,38 @@ def open_db(ctx: typer.Context, must_exist: bool = True) -> Iterator[Any]:
 
 def warm_router(db, refit: bool) -> None:
     """With ``--refit``: after a change of experts, do now what the next route would do (under a spinner)."""
-    if refit:
+    if refit and not sys.stderr.isatty():
+        db.warm_router()  # (no spinner on a pipe or file)
+    elif refit:
         from rich.console import Console
 
         with Console(stderr=True).status("fitting the router"):
             db.warm_router()
+
+
+@contextlib.contextmanager
+def skipped_files() -> Iterator[list[dict[str, str]]]:
+    """Print each file the command skipped (a :class:`moedb.errors.SkippedFile` warning) as one ``skipped:``
+    line on stderr; the list it yields then holds them as ``{"file", "reason"}`` (for ``--json``)."""
+    import warnings
+
+    from ..errors import SkippedFile
+
+    out: list[dict[str, str]] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedFile)
+        try:
+            yield out
+        finally:
+            others = []
+            for w in caught:
+                if issubclass(w.category, SkippedFile):
+                    out.append({"file": w.message.path, "reason": w.message.reason})
+                    typer.echo(f"skipped: {w.message}", err=True)
+                else:
+                    others.append(w)
+    for w in others:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def console():
@@ -123,6 +150,8 @@ class LazyBar:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
+            if not sys.stderr.isatty():
+                return  # (a bar on a pipe or file is only a stray empty line when it closes)
             self.bar = progress_bar(self.label).__enter__()
         self.bar(done, total)
 

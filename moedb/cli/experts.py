@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from .common import JSON_OPT, REFIT_OPT, LazyBar, app, console, emit_json, open_db, warm_router
+from ..errors import MoedbError
+from .common import JSON_OPT, REFIT_OPT, LazyBar, app, console, emit_json, open_db, skipped_files, warm_router
 
 
 @app.command()
@@ -29,44 +30,61 @@ def add_expert(ctx: typer.Context, name: str,
                description: str = typer.Option("", "--description"),
                keyword: List[str] = typer.Option(None, "--keyword", help="Keyword (repeatable)."),
                parent: Optional[str] = typer.Option(None, "--parent"),
-               chunk_size: int = typer.Option(1000, "--chunk-size", help="Max characters per passage."),
+               chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Max characters per passage "
+                                                        "(split by characters instead of the embedder's tokens)."),
+               chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Max embedder tokens per "
+                                                          "passage (default: 256, or the embedder's limit)."),
+               overlap: Optional[int] = typer.Option(None, "--overlap", help="Tokens repeated where a paragraph "
+                                                     "is cut (default 32)."),
                refuse: bool = typer.Option(False, "--refuse", help="A refusal expert: its documents are examples "
                                            "of queries no expert should answer; routes that match it abstain."),
                refit: bool = REFIT_OPT, json_out: bool = JSON_OPT) -> None:
     """Create an expert from files and/or inline texts."""
+    if not paths and not text:
+        raise MoedbError(f"add-expert {name}: give files or folders, or --text (an expert without documents "
+                         "routes nothing)")
     pb = LazyBar(f"embedding {name}")
     with open_db(ctx, must_exist=False) as db:
         try:
-            e = db.add_expert(name, list(text or []), files=list(paths) if paths else None, chunk_size=chunk_size,
-                              description=description, keywords=keyword or [], parent=parent, progress=pb,
-                              refuse=refuse)
+            with skipped_files() as skipped:
+                e = db.add_expert(name, list(text or []), files=list(paths) if paths else None,
+                                  chunk_size=chunk_size, chunk_tokens=chunk_tokens, overlap=overlap,
+                                  description=description, keywords=keyword or [],
+                                  parent=parent, progress=pb, refuse=refuse)
         finally:
             pb.close()
         warm_router(db, refit)
     if json_out:
-        emit_json(e.to_dict())
+        emit_json({**e.to_dict(), "skipped": skipped})
     else:
-        typer.echo(f"added {'refusal ' if e.refuse else ''}expert {e.name!r} with {e.size} passages")
+        typer.echo(f"added {'refusal ' if e.refuse else ''}expert {e.name!r} with {plural(e.size, 'passage')}")
 
 
 @app.command("add-docs")
 def add_docs(ctx: typer.Context, name: str, paths: List[str] = typer.Argument(..., help="Files or directories."),
-             chunk_size: int = typer.Option(1000, "--chunk-size"),
+             chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Max characters per passage "
+                                                      "(split by characters instead of the embedder's tokens)."),
+             chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Max embedder tokens per "
+                                                        "passage (default: 256, or the embedder's limit)."),
+             overlap: Optional[int] = typer.Option(None, "--overlap", help="Tokens repeated where a paragraph "
+                                                   "is cut (default 32)."),
              on_conflict: str = typer.Option("error", "--on-conflict", help="error | skip | replace"),
              refit: bool = REFIT_OPT, json_out: bool = JSON_OPT) -> None:
     """Add files' passages to an existing expert."""
     pb = LazyBar(f"embedding {name}")
     with open_db(ctx) as db:
         try:
-            n = db.add_files(name, paths, chunk_size=chunk_size, on_conflict=on_conflict, progress=pb)
+            with skipped_files() as skipped:
+                n = db.add_files(name, paths, chunk_size=chunk_size, chunk_tokens=chunk_tokens, overlap=overlap,
+                                 on_conflict=on_conflict, progress=pb)
         finally:
             pb.close()
         size = db.expert(name).size
         warm_router(db, refit)
     if json_out:
-        emit_json({"expert": name, "added": n, "size": size})
+        emit_json({"expert": name, "added": n, "size": size, "skipped": skipped})
     else:
-        typer.echo(f"added {n} passages to {name!r} (now {size})")
+        typer.echo(f"added {plural(n, 'passage')} to {name!r} (now {size})")
 
 
 @app.command("list")
@@ -89,6 +107,10 @@ def list_experts(ctx: typer.Context, tree: bool = typer.Option(False, "--tree", 
             t.add_row(e.name + (" (refuses)" if e.refuse else ""), str(e.size), e.parent or "",
                       ", ".join(e.keywords), e.description[:60])
         console().print(t)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def print_tree(experts, title: str) -> None:
@@ -125,13 +147,17 @@ def show(ctx: typer.Context, name: str, docs: int = typer.Option(5, "--docs", he
         if value:
             typer.echo(f"  {label}: {value}")
     for d in sample:
-        src = f"  [{d['source']}#{d['position']}]" if d["source"] else ""
-        typer.echo(f"  - {d['id']}{src}: {d['text'][:100]!r}")
+        # (a passage of a file is named source#position already: no second copy of it)
+        where = f"{d['source']}#{d['position']}"
+        src = f"  [{where}]" if d["source"] and d["id"] != where else ""
+        typer.echo(f"  - {d['id']}{src}: {d['text'][:100]!r}" if d["text"] else f"  - {d['id']}{src}: (no text)")
 
 
 @app.command("remove-expert")
 def remove_expert(ctx: typer.Context, name: str) -> None:
     """Delete an expert and its documents."""
     with open_db(ctx) as db:
+        children = [e.name for e in db.experts() if e.parent == name]
         db.remove_expert(name)
-    typer.echo(f"removed expert {name!r}")
+    typer.echo(f"removed expert {name!r}" + (f"; its children ({', '.join(children)}) are now top-level experts"
+                                               if children else ""))

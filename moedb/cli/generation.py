@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import ConfigError
-from .common import JSON_OPT, app, bar, console, emit_json, open_db
+from .common import JSON_OPT, REFIT_OPT, app, bar, console, emit_json, open_db, skipped_files, warm_router
 
 
 def parse_pairs(pairs: Optional[List[str]], what: str) -> dict:
@@ -164,10 +164,12 @@ def set_strategy(ctx: typer.Context, strategy: str = typer.Argument(..., help="D
 @app.command()
 def apply(ctx: typer.Context, directory: str = typer.Argument(..., help="Folder of YAML expert files."),
           dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
-          json_out: bool = JSON_OPT) -> None:
+          refit: bool = REFIT_OPT, json_out: bool = JSON_OPT) -> None:
     """Create or update experts from a folder of YAML files (idempotent)."""
-    with open_db(ctx, must_exist=False) as db:
+    with open_db(ctx, must_exist=False) as db, skipped_files():
         rep = db.apply_dir(directory, dry_run=dry_run)
+        if not dry_run and (rep["created"] or rep["updated"]):
+            warm_router(db, refit)  # the end of a bulk build: the next `moedb route` loads the fitted router
     if json_out:
         emit_json(rep)
         return
@@ -178,4 +180,10 @@ def apply(ctx: typer.Context, directory: str = typer.Argument(..., help="Folder 
             docs = f" (+{d['added']} ~{d['changed']} -{d['removed']} passages)" if action != "unchanged" else ""
             fields = f" [{', '.join(d['fields'])}]" if d["fields"] and action == "updated" else ""
             typer.echo(f"{prefix}{action}: {name}{fields}{docs}")
-    typer.echo(f"{len(rep['created'])} created, {len(rep['updated'])} updated, {len(rep['unchanged'])} unchanged")
+    typer.echo(f"{len(rep['created'])} {prefix}created, {len(rep['updated'])} {prefix}updated, "
+               f"{len(rep['unchanged'])} unchanged" + (" (dry run: nothing was written)" if dry_run else ""))
+    if rep["created"] or rep["updated"]:
+        import os
+
+        typer.echo(f"passage sources are stored relative to {os.path.abspath(directory)} (the YAML files' folder), "
+                   "so the folder can move; `add-expert` and `add-docs` store the absolute paths they are given")

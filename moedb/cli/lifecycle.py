@@ -68,10 +68,36 @@ def retrain(ctx: typer.Context, holdout: float = typer.Option(0.1, "--holdout", 
     if json_out:
         emit_json(out)
         return
-    typer.echo(f"retrained on {out['training_events']} feedback events ({out['heldout_events']} held out)")
+    typer.echo(f"retrained on {out['training_events']} feedback events ({out['heldout_events']} more kept aside "
+               "to measure agreement)")
     typer.echo(f"agreement with {out['measured_on']}: before {_acc(out['before'])}, after {_acc(out['after'])}")
-    for k, v in (out.get("gate") or {}).items():
-        typer.echo(f"  gate {k}: {v}")
+    for line in gate_summary(out.get("gate") or {}):
+        typer.echo("  " + line)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def gate_summary(g: dict) -> list[str]:
+    """The gate's fit figures in words (``--json`` has them all, raw)."""
+    if not g.get("experts"):
+        return ["router: no expert with documents yet"]
+    lines = [f"router: {g['experts']} experts, {g.get('documents', 0)} documents, {g.get('feedback', 0)} feedback "
+             "events learned from"]
+    if g.get("heldout"):
+        fb = g.get("heldout_feedback") or 0
+        lines.append(f"checked on {g['heldout']} documents held out in turn"
+                     + (f" and {fb} feedback events" if fb else "") + f": accuracy {_pct(g.get('heldout_accuracy'))}, calibration error {_pct(g.get('heldout_ece'))}")
+    thr, rule = g.get("scope_threshold"), g.get("scope_rule")
+    if thr is None:
+        lines.append("abstains: never (too few documents, or experts, to calibrate a scope threshold)")
+    else:
+        how = "small-collection rule" if rule == "small" else "held-out quantile"
+        refused = g.get("heldout_refused")
+        lines.append(f"abstains below scope {thr:+.2f} ({how}" + (f"; refuses {_pct(refused)} of the held-out "
+                     "documents" if refused is not None else "") + ")")
+    return lines
 
 
 @app.command()

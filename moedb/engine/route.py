@@ -9,16 +9,17 @@ import numpy as np
 
 from ..errors import InvalidInput
 from ..routing.engine import mix_context
-from ..routing.gating import select
+from ..routing.gating import select, softmax
 from ..store import Store
 from ..types import ExpertScore, RouteResult
 from ..vectors import to_blob
 from .balancing import Balancing
 from .catalog import Catalog
 from .embedding import FileEmbedder
+from .evidence import EvidenceService
 from .gate import GateService
 from .queries import check_context, check_route_args, encode_queries
-from .retrieval import Retrieval
+from .retrieval import Retrieval, check_mode
 
 # the query log keeps at most this many characters of a query's text (its vector is kept whole)
 LOG_QUERY_CHARS = 2000
@@ -31,8 +32,10 @@ class RouteService:
     """
 
     def __init__(self, store: Store, catalog: Catalog, embedding: FileEmbedder, gate: GateService,
-                 retrieval: Retrieval, balancing: Balancing, log_queries: Optional[bool] = None):
+                 retrieval: Retrieval, balancing: Balancing, log_queries: Optional[bool] = None,
+                 evidence: Optional[EvidenceService] = None):
         self.store = store
+        self.evidence = evidence
         self.catalog = catalog
         self.embedding = embedding
         self.gate = gate
@@ -63,27 +66,37 @@ class RouteService:
         elif router.ann is not None:
             cands = router.ann_candidates(Q, int(self.catalog.settings.ann_candidates))
         comps, z, conf, mask, scope = router.score(Q, texts, cands)
+        ev = self.evidence.current(router) if self.evidence is not None else None
+        if ev is not None and ev.weight_:  # the experts holding the query's nearest passages (routing/evidence.py)
+            extra = np.where(mask, ev.logits(Q), np.nan)
+            comps = {**comps, "evidence": extra}
+            z = np.where(mask, z + np.nan_to_num(extra), -np.inf)
+            conf = softmax(z)
         return router, comps, z, conf, mask.sum(axis=1), scope
 
-    def _threshold(self, explicit: Optional[float], router) -> tuple[float, Optional[float]]:
-        """``(confidence threshold, scope threshold or None)``.
+    def _threshold(self, explicit: Optional[float], router) -> tuple[float, Optional[float], float]:
+        """``(confidence threshold, scope threshold or None, relative floor)``: the one place that decides
+        when a route abstains and which experts after the best one are dropped.
 
-        A ``min_confidence`` (the call's, else the database's) is a plain confidence rule. Without one,
-        the calibrated default applies: abstain when the query's scope is below the gate's calibrated
-        scope threshold; later experts must still reach the calibrated confidence threshold.
+        A ``min_confidence`` (the call's, else the database's) is a plain confidence rule: abstain when the
+        best expert is below it, keep every later expert that reaches it (``0.0`` keeps them all). Without
+        one, the calibrated default applies: abstain when the query's scope is below the gate's calibrated
+        scope threshold; a later expert is kept only when it reaches the calibrated confidence threshold and
+        ``min_relative_confidence`` x the best expert's confidence.
         """
         if explicit is None:
             explicit = self.catalog.settings.min_confidence
         if explicit is not None:
-            return float(explicit), None
+            return float(explicit), None, 0.0
+        rel = float(self.catalog.settings.min_relative_confidence)
         if router is None:
-            return 0.0, None
+            return 0.0, None, rel
         ms = self.catalog.settings.min_scope
-        return float(router.gate.threshold_), float(router.gate.scope_threshold_ if ms is None else ms)
+        return float(router.gate.threshold_), float(router.gate.scope_threshold_ if ms is None else ms), rel
 
     def route(self, query: Union[str, np.ndarray], top_k: int = 2, k: int = 5,
               min_confidence: Optional[float] = None, *, log: Optional[bool] = None, explain: bool = False,
-              context: Optional[Sequence[str]] = None) -> RouteResult:
+              context: Optional[Sequence[str]] = None, retrieval: Optional[str] = None) -> RouteResult:
         """Route one query (text or vector of shape ``(d,)``) to experts and retrieve passages.
 
         ``min_confidence=None`` uses the database default: unless ``configure(min_confidence=...)`` set
@@ -91,20 +104,24 @@ class RouteService:
         documents) is below the threshold calibrated on held-out documents (``refuse_rate``). A number
         is a plain rule on the top confidence; ``0.0`` never abstains.
         ``explain=True`` fills each expert's ``components`` and ``r.explanation``; ``context``: earlier
-        turns of a conversation (list of str) mixed into the query.
+        turns of a conversation (list of str) mixed into the query (and its latest turn into the words the
+        lexical retrieval matches); ``retrieval``: ``"hybrid"``, ``"dense"`` or ``"lexical"`` (default: the
+        ``retrieval`` setting).
         """
         if isinstance(query, (list, tuple)) and query and isinstance(query[0], str):
             raise InvalidInput("route() takes one query; use route_many() for a list")
         return self.route_many([query], top_k=top_k, k=k, min_confidence=min_confidence, log=log,
-                               explain=explain, context=context)[0]
+                               explain=explain, context=context, retrieval=retrieval)[0]
 
     def route_many(self, queries: Sequence[Union[str, np.ndarray]], top_k: int = 2, k: int = 5,
                    min_confidence: Optional[float] = None, *, log: Optional[bool] = None, explain: bool = False,
-                   context: Optional[Sequence[str]] = None) -> list[RouteResult]:
+                   context: Optional[Sequence[str]] = None, retrieval: Optional[str] = None) -> list[RouteResult]:
         """Route a batch of queries: one embedding call, vectorised gating, one log transaction."""
         t0 = time.perf_counter()
         self.catalog.refresh()
         explicit = check_route_args(top_k, k, min_confidence)
+        if retrieval is not None:
+            check_mode(retrieval)
         ctx = check_context(context)
         if isinstance(queries, np.ndarray) and queries.ndim == 2:
             queries = list(queries)
@@ -115,7 +132,7 @@ class RouteService:
         if ctx:
             Q, lex_texts = self._with_context(Q, lex_texts, ctx)
         router, comps, z, conf, scored, scope = self._gate(Q, [t or "" for t in lex_texts])
-        thr, scope_thr = self._threshold(explicit, router)
+        thr, scope_thr, rel = self._threshold(explicit, router)
         admit = scope >= scope_thr if scope_thr is not None else None
         n, E = conf.shape
         refused_by, exclude, z_sel = self._refusals(router, conf, z, thr, scope_thr)
@@ -129,13 +146,15 @@ class RouteService:
             adm = admit[i:i + 1] if admit is not None else None
             if bal is not None:
                 sel = select(conf[i:i + 1], top_k, thr, bias=bal.bias, logits=z_sel[i:i + 1], blocked=bal.blocked(),
-                             admit=adm, exclude=exclude)[0]
+                             admit=adm, exclude=exclude, relative=rel)[0]
                 bal.observe(z_sel[i], sel, top_k)
             else:
-                sel = select(conf[i:i + 1], top_k, thr, admit=adm, exclude=exclude)[0] if E else np.zeros(0, np.int64)
+                sel = select(conf[i:i + 1], top_k, thr, admit=adm, exclude=exclude, relative=rel)[0] \
+                    if E else np.zeros(0, np.int64)
             rows = [router.rows[j] for j in sel]
             es = [ExpertScore(router.rows[j]["name"], float(z[i, j]), float(conf[i, j])) for j in sel]
-            hits = self.retrieval.hits(self.retrieval.retrieve(Q[i], rows, k)) if rows and k else []
+            hits = self.retrieval.hits(self.retrieval.retrieve(Q[i], rows, k, text=lex_texts[i], mode=retrieval,
+                                                               explain=explain)) if rows and k else []
             r = RouteResult(query=texts[i], experts=es, hits=hits, abstained=not es,
                             scope=float(scope[i]) if np.isfinite(scope[i]) else None, refused_by=refused_by[i])
             if rows:
@@ -143,6 +162,8 @@ class RouteService:
             if explain:
                 router.explain(r, comps, z[i], conf[i], i, sel, thr, bal.bias if bal is not None else None,
                                int(scored[i]), lex_texts[i], len(ctx), float(scope[i]), scope_thr)
+                r.explanation["min_relative_confidence"] = rel
+                r.explanation["dropped"] = _dropped(router, conf[i], sel, top_k, thr, rel, exclude)
             results.append(r)
         elapsed = (time.perf_counter() - t0) * 1000.0 / len(results)
         for r in results:
@@ -202,3 +223,21 @@ class RouteService:
         """
         Q2 = mix_context(Q, self.embedding.embed(list(context)), float(self.catalog.settings.context_weight))
         return Q2, [(t + " " + context[-1]) if t is not None else context[-1] for t in texts]
+
+
+def _dropped(router, conf: np.ndarray, sel: np.ndarray, top_k: int, thr: float, rel: float,
+             exclude: Optional[np.ndarray]) -> list[dict]:
+    """The experts among the ``top_k`` most confident (``conf`` ``(E,)``) that the route left out, and why."""
+    c = np.where(exclude, -np.inf, conf) if exclude is not None else np.asarray(conf, np.float64)
+    if not len(sel) or not c.size:
+        return []
+    best = float(conf[int(sel[0])])
+    out = []
+    for j in np.argsort(-c, kind="stable")[:top_k]:
+        if int(j) in set(int(x) for x in sel) or not np.isfinite(c[j]):
+            continue
+        why = (f"confidence {c[j]:.3f} is below {rel:g} x the best expert's {best:.3f}" if c[j] < rel * best
+               else f"confidence {c[j]:.3f} is below the floor {thr:.3f}" if c[j] < thr
+               else "another expert ranked higher after load balancing")
+        out.append({"name": router.rows[int(j)]["name"], "confidence": float(c[j]), "why": why})
+    return out

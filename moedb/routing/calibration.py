@@ -58,3 +58,18 @@ def abstain_threshold(top_confidence: np.ndarray, refuse_rate: float) -> float:
     if refuse_rate <= 0 or c.size == 0:
         return 0.0
     return float(np.quantile(c, refuse_rate, method="lower"))
+
+
+def small_scope_threshold(inside: np.ndarray, away: np.ndarray, share: float) -> float:
+    """The scope threshold of a small collection: ``(1 - share) * median(inside) + share * median(away)``.
+
+    ``inside`` ``(n,)``: held-out scopes of documents against every expert (how in-scope queries score);
+    ``away`` ``(n,)``: the same documents' scopes against the other experts only (how a query on a subject no
+    expert holds scores). ``-inf`` (never abstain) when either has no finite value.
+    """
+    a = np.asarray(inside, dtype=np.float64)
+    b = np.asarray(away, dtype=np.float64)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if not a.size or not b.size:
+        return -np.inf
+    return float((1.0 - share) * np.median(a) + share * np.median(b))

@@ -12,7 +12,7 @@ import numpy as np
 from ..settings import DEFAULTS, FIT_SETTINGS, Settings
 
 # fit settings that joined the gate's key later: hashed only when they differ from their default
-KEYED_WHEN_CHANGED = frozenset({"gate_max_docs"})
+KEYED_WHEN_CHANGED = frozenset({"gate_max_docs", "small_heldout"})
 from .gating import softmax
 from .hierarchy import Tree, beam_candidates, node_centroids
 from .hybrid import COMPONENTS, FORMAT, HybridGate
@@ -93,7 +93,8 @@ class Router:
             warm = (W, b)
         gate = HybridGate(C=float(settings.gate_C), folds=int(settings.gate_folds), refuse_rate=float(settings.refuse_rate),
                           lexical=bool(settings.lexical), max_iter=int(settings.gate_max_iter),
-                          min_heldout=int(settings.min_heldout), max_total_docs=int(settings.gate_max_docs))
+                          min_heldout=int(settings.min_heldout), max_total_docs=int(settings.gate_max_docs),
+                          small_heldout=int(settings.small_heldout))
         gate.fit(groups, texts, keywords=[r.get("keywords") or [] for r in rows],
                  descriptions=[r.get("description") or "" for r in rows], feedback=fb, warm_start=warm,
                  refuse=[bool(r.get("refuse")) for r in rows],

@@ -71,7 +71,8 @@ def top_k(conf: np.ndarray, k: int) -> np.ndarray:
 
 def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.ndarray] = None,
            logits: Optional[np.ndarray] = None, blocked: Optional[np.ndarray] = None,
-           admit: Optional[np.ndarray] = None, exclude: Optional[np.ndarray] = None) -> list[np.ndarray]:
+           admit: Optional[np.ndarray] = None, exclude: Optional[np.ndarray] = None,
+           relative: float = 0.0) -> list[np.ndarray]:
     """Per row, up to ``k`` expert indices; an empty array means the router abstains on that query.
 
     ``conf`` ``(n, E)``: calibrated confidences. A row abstains when its best confidence is below
@@ -81,7 +82,8 @@ def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.nd
     given (the bias moves *which* experts are chosen, not their confidences), else by ``conf``.
     ``blocked`` ``(E,)`` bool masks experts at capacity unless no other candidate is left.
     ``exclude`` ``(E,)`` bool: experts that are never selected (refusal experts); a row whose only
-    experts are excluded abstains.
+    experts are excluded abstains. ``relative``: an expert after the best one also needs a confidence of at
+    least ``relative`` x the best one's (``k`` is a maximum, not a quota).
     """
     conf = np.asarray(conf, dtype=np.float64)
     n, e = conf.shape
@@ -94,10 +96,12 @@ def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.nd
     if admit is None:
         admit = conf.max(axis=1) >= min_confidence
     admit = np.asarray(admit, dtype=bool)
+    # the floor of every expert after the best one, per row (n, 1)
+    floor = np.maximum(min_confidence, float(relative) * conf.max(axis=1, keepdims=True))
     if bias is None and blocked is None:
         idx = top_k(conf, k)
         rows = np.arange(n)[:, None]
-        keep = conf[rows, idx] >= min_confidence
+        keep = conf[rows, idx] >= floor
         keep[:, 0] = True
         return [idx[i][keep[i]] if admit[i] else idx[i][:0] for i in range(n)]
     rank = np.asarray(logits if logits is not None else np.log(np.maximum(conf, 1e-300)), dtype=np.float64)
@@ -109,7 +113,7 @@ def select(conf: np.ndarray, k: int, min_confidence: float, bias: Optional[np.nd
         if not admit[i]:
             out.append(np.zeros(0, dtype=np.int64))
             continue
-        ok = conf[i] >= min_confidence
+        ok = conf[i] >= floor[i, 0]
         ok[best] = True
         if blocked is not None and (ok & ~blocked).any():
             ok &= ~blocked

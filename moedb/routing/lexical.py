@@ -23,12 +23,11 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..text import STOPWORDS
+
 _WORD = re.compile(r"(?u)\b\w\w+\b")
 _FORMAT = 2
-# words too common to explain a decision (they still count in the model, as in any naive Bayes)
-_EXPLAIN_SKIP = frozenset("""an and are as at be been but by can could did do does for from had has have how if in
-into is it its me my of on or our please so than that the their them then there these they this to was we were
-what when where which who why will with would you your""".split())
+
 
 
 def tokenize(text: str) -> list[str]:
@@ -205,17 +204,22 @@ class LexicalIndex:
         return out
 
     def top_terms(self, text: str, expert: int, n: int = 5) -> list[tuple[str, float]]:
-        """The query's words and word pairs that weigh most for ``expert``, for explanations."""
+        """The query's words and word pairs that weigh most for ``expert``, for explanations (as the query
+        wrote them: "does", not the n-gram "doe" its plural strip made)."""
         fi, x = self._vector(text)
+        written: dict[str, str] = {}
+        for w in _WORD.findall(text.lower()):
+            written.setdefault(tokenize(w)[0], w)
         found = []
         for f, xf in zip(fi.tolist(), x.tolist()):
             term = str(self.vocab_[f])
-            if not term.startswith("w:") or all(w in _EXPLAIN_SKIP for w in term[2:].split()):
+            if not term.startswith("w:") or all(w in STOPWORDS for w in term[2:].split()):
                 continue
             a, b = self.indptr_[f], self.indptr_[f + 1]
             hit = np.flatnonzero(self.experts_[a:b] == expert)
             if hit.size:
-                found.append((term[2:], float(xf * self.weights_[a + hit[0]])))
+                shown = " ".join(written.get(p, p) for p in term[2:].split())
+                found.append((shown, float(xf * self.weights_[a + hit[0]])))
         return sorted(found, key=lambda t: -t[1])[:n]
 
     # ---------------------------------------------------------------- persistence (plain arrays)
