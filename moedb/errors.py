@@ -54,5 +54,23 @@ class FileProblem(MoedbError):
     """A file or directory that cannot be read or parsed."""
 
 
+class DatabaseBusy(MoedbError):
+    """Another connection held the file's write lock for longer than the busy timeout."""
+
+
+class ConcurrentChange(MoedbError):
+    """Another process changed what a long operation was computed from (nothing of it was written)."""
+
+
 class ConfigError(MoedbError, ValueError):
     """Invalid configuration (generator, strategy, settings); names the field."""
+
+
+class SkippedFile(UserWarning):
+    """A file found in a folder that was not read (a link leading outside it, a FIFO or device, an empty
+    or binary file); the message names it and why. The CLI prints one line per skipped file."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason

@@ -47,11 +47,14 @@ class Catalog:
         self.epoch = 0
         self._dv: Optional[int] = None
         self._dirty = True
+        self.changed_here = False  # this connection changed the experts since its router was fitted
         self.hot = HotVectors(int(self.settings.vector_cache_mb * 2**20))
 
     def touch(self) -> None:
-        """This connection changed the file: re-read on the next :meth:`refresh`."""
+        """This connection changed the file: re-read on the next :meth:`refresh` (and ``changed_here``
+        stays set until the gate service has a router that reflects the change)."""
         self._dirty = True
+        self.changed_here = True
 
     def stale(self) -> None:
         """Every cached vector is stale (this connection re-embedded the file)."""

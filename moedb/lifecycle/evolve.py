@@ -1,9 +1,13 @@
 """Experts over time: split (k-means), merge, rename, and optimize (proposed merges, splits and a retrain,
 each with its evidence).
 
-Every public call that writes runs in one transaction, validates its input before the first write, and
-refits the gate in the same transaction, so a reader in another process sees the old experts and gate or
-the new ones.
+Every public call that writes validates its input before the first write and changes the experts in one
+short transaction, so a reader in another process sees the old experts or the new ones. The long work
+runs with no write lock held, so other writers never wait on it: split's k-means reads one snapshot and the
+transaction first checks that the expert did not change meanwhile (else it is computed again, up to
+:data:`TRIES` times, then :class:`~moedb.errors.ConcurrentChange`); the gate is refitted after the commit by
+:meth:`GateService.refit` (fitted with no lock held, stored in a short transaction of its own; until then a
+route that sees the new experts fits it itself).
 """
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..engine.catalog import Catalog
-from ..engine.experts import check_name
+from ..engine.experts import check_name, require
 from ..engine.gate import GateService
-from ..errors import DuplicateExpert, InvalidInput
+from ..errors import ConcurrentChange, DuplicateExpert, InvalidInput
 from ..routing.kmeans import choose_clusters, unit_rows
 from ..store import Store
 from .feedback import FeedbackService
+
+TRIES = 3   # k-means runs of a split while another process keeps changing the expert
 
 
 class Evolution:
@@ -36,18 +42,34 @@ class Evolution:
         Every document moves to exactly one child; children are named ``NAME/1``, ``NAME/2``…
         (the first free numbers) unless ``names`` are given, and take the original as parent,
         which stays as a pure parent without documents. Feedback on the original follows the
-        child nearest to its query. The gate is refitted in the same transaction. Returns
-        ``{"expert", "n", "chosen_by", "silhouette", "children": [{"name", "size"}]}``.
+        child nearest to its query. k-means runs with no lock held; the gate is refitted after the
+        commit. Returns ``{"expert", "n", "chosen_by", "silhouette", "children": [{"name", "size"}]}``.
         """
-        with self.store.atomic():
-            out = self.split(name, n, names, max_n, seed)
+        for _ in range(TRIES):
+            plan = self.plan_split(name, n, names, max_n, seed)   # k-means: no lock held
+            try:
+                with self.store.atomic():
+                    out = self.apply_split(plan)
+            except ConcurrentChange:
+                continue
             self.gate.refit()
-        return out
+            return out
+        raise ConcurrentChange(f"expert {name!r} kept changing while it was being split ({TRIES} tries); "
+                               "nothing was written: run the split again")
 
     def split(self, name: str, n: Optional[int], names: Optional[Sequence[str]], max_n: Optional[int],
-               seed: int) -> dict[str, Any]:
-        """The document moves of :meth:`split_expert` without the refit (the caller refits in its transaction)."""
-        row = self.catalog.require(name)
+              seed: int) -> dict[str, Any]:
+        """The document moves of :meth:`split_expert` without the refit (k-means, then one transaction)."""
+        plan = self.plan_split(name, n, names, max_n, seed)
+        with self.store.atomic():
+            return self.apply_split(plan)
+
+    def plan_split(self, name: str, n: Optional[int], names: Optional[Sequence[str]], max_n: Optional[int],
+                   seed: int) -> dict[str, Any]:
+        """Check a split and cluster the expert's documents (read from one snapshot; writes nothing)."""
+        with self.store.snapshot():
+            row = require(self.catalog, name)
+            ids, X = self.catalog.expert_docs(row)
         if row.get("refuse"):
             raise InvalidInput(f"{name!r} is a refusal expert: it is not split (it has no children)")
         if names is not None:
@@ -59,7 +81,6 @@ class Evolution:
             raise InvalidInput(f"n must be an integer >= 2, got {n!r}")
         if max_n is not None and (not isinstance(max_n, (int, np.integer)) or max_n < 2):
             raise InvalidInput(f"max_n must be an integer >= 2, got {max_n!r}")
-        ids, X = self.catalog.expert_docs(row)
         if len(ids) < 2:
             raise InvalidInput(f"expert {name!r} has {len(ids)} document(s); a split needs at least 2")
         if n is not None and n > len(ids):
@@ -72,13 +93,27 @@ class Evolution:
         taken = [c for c in child_names if c in self.catalog.by_name]
         if taken:
             raise DuplicateExpert(f"expert {taken[0]!r} already exists")
+        return {"row": row, "ids": ids, "X": X, "labels": labels, "groups": groups, "names": child_names,
+                "silhouette": sil, "chosen_by": "given" if n is not None else "silhouette"}
+
+    def apply_split(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """Write a :meth:`plan_split` (call inside a write transaction); :class:`ConcurrentChange` if the
+        expert changed since the plan read it."""
+        row, ids, X, labels, groups = plan["row"], plan["ids"], plan["X"], plan["labels"], plan["groups"]
+        self.catalog.refresh()
+        now = self.catalog.by_name.get(row["name"])
+        if now is None or now["id"] != row["id"] or now["version"] != row["version"]:
+            raise ConcurrentChange(f"expert {row['name']!r} changed while it was being split; nothing was written")
+        taken = [c for c in plan["names"] if c in self.catalog.by_name]
+        if taken:
+            raise DuplicateExpert(f"expert {taken[0]!r} already exists")
         children = []
         with self.store.atomic():
-            for i, (cname, j) in enumerate(zip(child_names, groups)):
+            for i, (cname, j) in enumerate(zip(plan["names"], groups)):
                 members = labels == j
                 desc = f"{row['description']} (part {i + 1} of {len(groups)})" if row["description"] else ""
                 cid = self.store.experts.insert(cname, desc, list(row["keywords"]), row["id"],
-                                               {"split_from": name}, row["generator"])
+                                               {"split_from": row["name"]}, row["generator"])
                 self.store.documents.move(row["id"], cid, [int(x) for x in ids[members]])
                 children.append((cname, cid, int(members.sum()), unit_rows(X[members].sum(axis=0, keepdims=True))[0]))
             fids, FV = self.store.feedback.of_expert(row["id"])
@@ -88,8 +123,8 @@ class Evolution:
                 for j, c in enumerate(children):
                     self.store.feedback.set_expert(fids[nearest == j], c[1])
         self.catalog.touch()
-        return {"expert": name, "n": len(children), "chosen_by": "given" if n is not None else "silhouette",
-                "silhouette": sil, "children": [{"name": c[0], "size": c[2]} for c in children]}
+        return {"expert": row["name"], "n": len(children), "chosen_by": plan["chosen_by"],
+                "silhouette": plan["silhouette"], "children": [{"name": c[0], "size": c[2]} for c in children]}
 
     def _free_child_names(self, name: str, k: int) -> list[str]:
         out, i = [], 1
@@ -105,22 +140,22 @@ class Evolution:
 
         Documents are conserved (a clashing document id gets a ``~N`` suffix), feedback and
         logged choices of the merged experts are pointed at the target, their children move
-        under it, and the centroid and gate are updated in the same transaction. Returns ``{"into", "merged", "size",
-        "moved": {"documents", "feedback", "log_choices"}, "created"}``.
+        under it, and the centroid is updated in the same transaction; the gate is refitted after it.
+        Returns ``{"into", "merged", "size", "moved": {"documents", "feedback", "log_choices"}, "created"}``.
         """
-        with self.store.atomic():
+        with self.store.atomic():  # (cheap: moves rows; read and written in one transaction)
             out = self.merge(names, into, description)
-            self.gate.refit()
+        self.gate.refit()
         return out
 
     def merge(self, names: Sequence[str], into: str, description: Optional[str]) -> dict[str, Any]:
-        """The document moves of :meth:`merge_experts` without the refit (the caller refits in its transaction)."""
+        """The document moves of :meth:`merge_experts` without the refit (the caller refits after its commit)."""
         if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
             raise InvalidInput("names must be a non-empty list of expert names")
         check_name(into, "target name")
+        rows = [require(self.catalog, x) for x in names]  # (first: a name that is not a string names no expert)
         if len(set(names)) != len(names):
             raise InvalidInput("an expert is named twice in the merge")
-        rows = [self.catalog.require(x) for x in names]
         roles = {bool(r.get("refuse")) for r in rows}
         if into in self.catalog.by_name:
             roles.add(bool(self.catalog.by_name[into].get("refuse")))
@@ -187,7 +222,7 @@ class Evolution:
 
     def rename_expert(self, old: str, new: str) -> dict[str, Any]:
         """Rename an expert; its id, documents, children, feedback and log references stay."""
-        row = self.catalog.require(old)
+        row = require(self.catalog, old)
         check_name(new, "new name")
         if new != old:
             self.store.experts.update(row["id"], name=new)
@@ -210,8 +245,8 @@ class Evolution:
           >= ``min_silhouette``;
         - retrain: feedback arrived since the last retrain.
 
-        ``apply=True`` carries the whole plan out in one transaction. Returns ``{"proposals":
-        [{"action", ..., "reason", "evidence"}], "applied", "results"}``.
+        ``apply=True`` carries the merges and splits out in one transaction, then refits (or retrains).
+        Returns ``{"proposals": [{"action", ..., "reason", "evidence"}], "applied", "results"}``.
         """
         self.catalog.refresh()
         leaves = self.catalog.answering()
@@ -287,15 +322,18 @@ class Evolution:
                               "evidence": {"new_feedback": new_fb, "last_retrain": last["ts"] if last else None}})
         results: list[dict[str, Any]] = []
         if apply and proposals:
+            # k-means of every split first (no lock held), then every change in one short transaction
+            plans = {i: self.plan_split(p["expert"], p["n"], None, None, seed)
+                     for i, p in enumerate(proposals) if p["action"] == "split"}
             with self.store.atomic():
-                for p in proposals:
+                for i, p in enumerate(proposals):
                     if p["action"] == "merge":
                         results.append(self.merge(p["experts"], p["into"], None))
                     elif p["action"] == "split":
-                        results.append(self.split(p["expert"], p["n"], None, None, seed))
-                if any(p["action"] == "retrain" for p in proposals):
-                    results.append(self.feedback.retrain())
-                else:
-                    self.catalog.touch()
-                    self.gate.refit()
+                        results.append(self.apply_split(plans[i]))
+            self.catalog.touch()
+            if any(p["action"] == "retrain" for p in proposals):
+                results.append(self.feedback.retrain())
+            else:
+                self.gate.refit()
         return {"proposals": proposals, "applied": bool(apply and proposals), "results": results}

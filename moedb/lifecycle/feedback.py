@@ -15,6 +15,7 @@ import numpy as np
 
 from ..engine.catalog import Catalog
 from ..engine.embedding import FileEmbedder
+from ..engine.experts import require
 from ..engine.gate import GateService
 from ..engine.route import RouteService
 from ..errors import FileProblem, InvalidInput, MoedbError
@@ -47,7 +48,7 @@ class FeedbackService:
         ignored). Returns ``{"id", "key", "query_id", "expert", "reward", "already_present"}``.
         """
         r = check_reward(reward)
-        row = self.catalog.require(expert)
+        row = require(self.catalog, expert)
         when = parse_time(time) if time is not None else _time.time()
         if isinstance(query_id, str):
             if not query_id.strip():
@@ -132,21 +133,39 @@ class FeedbackService:
         if progress:
             progress(size, size)
         return {"file": p, "lines": job.lines, "taken": job.taken, "skipped": job.skipped,
-                "already_present": job.present, "errors": job.errors,
+                "already_present": job.present, "errors": sorted(job.errors, key=lambda e: e["line"]),
                 "errors_truncated": job.skipped > len(job.errors), "transactions": job.transactions}
 
     def _ingest_batch(self, events: list[tuple[int, dict]], names: dict[str, int], job: IngestJob) -> None:
-        """Resolve experts, keys, logged queries and embeddings of a batch; queue the rows."""
+        """Resolve experts, keys, logged queries and embeddings of a batch; queue the rows.
+
+        Every event is checked in full (expert, logged query, vector) before its key counts: an invalid
+        event is skipped with its line number each time it appears, never "already present"."""
         stored = self.store.feedback.keys_present([ev["key"] for _, ev in events])
         fresh: list[tuple[int, dict]] = []
         for lineno, ev in events:
-            if ev["key"] in stored or ev["key"] in job.pending_keys:
+            if ev["key"] in stored:
                 job.present += 1
             elif ev["expert"] not in names:
                 job.error(lineno, f"unknown expert {ev['expert']!r}")
             else:
-                job.pending_keys.add(ev["key"])
                 fresh.append((lineno, ev))
+        vecs = self._event_vectors(fresh, job)
+        now = _time.time()
+        for lineno, ev in fresh:
+            v = vecs.get(lineno)
+            if v is None:
+                continue  # skipped (and reported) by _event_vectors
+            if ev["key"] in job.pending_keys:
+                job.present += 1
+                continue
+            job.pending_keys.add(ev["key"])
+            job.rows.append((ev["key"], ev["query_id"], ev["query"], to_blob(v), names[ev["expert"]], ev["reward"],
+                             ev["time"] if ev["time"] is not None else now, key_bucket(ev["key"]), job.source))
+
+    def _event_vectors(self, fresh: list[tuple[int, dict]], job: IngestJob) -> dict[int, Optional[np.ndarray]]:
+        """``{line: query vector (d,)}`` of the events; a line whose query cannot be had (an unknown query
+        id, a vector the log did not keep, a failed embedding) maps to ``None`` and is reported."""
         logged = self.store.log.queries([ev["query_id"] for _, ev in fresh if ev["query_id"] is not None])
         vecs: dict[int, Optional[np.ndarray]] = {}
         texts: dict[str, list[int]] = {}
@@ -171,23 +190,15 @@ class FeedbackService:
             try:
                 emb = self.embedding.embed(uniq)
             except MoedbError as e:
-                emb = None
                 for t in uniq:
                     for lineno in texts[t]:
                         vecs[lineno] = None
                         job.error(lineno, f"cannot embed the query: {e}")
-            if emb is not None:
+            else:
                 for t, v in zip(uniq, emb):
                     for lineno in texts[t]:
                         vecs[lineno] = v
-        now = _time.time()
-        for lineno, ev in fresh:
-            v = vecs.get(lineno)
-            if v is None:
-                job.pending_keys.discard(ev["key"])
-                continue
-            job.rows.append((ev["key"], ev["query_id"], ev["query"], to_blob(v), names[ev["expert"]], ev["reward"],
-                             ev["time"] if ev["time"] is not None else now, key_bucket(ev["key"]), job.source))
+        return vecs
 
     def _flush_feedback(self, job: IngestJob) -> None:
         if not job.rows:
@@ -205,8 +216,9 @@ class FeedbackService:
         A deterministic ``holdout`` share of the feedback (by event key) is kept out of training
         and used to measure the gate before and after (when fewer than ``min_heldout`` events
         would be held out, nothing is held out and the figures are measured on the training
-        feedback, flagged by ``"measured_on"``). The gate is refitted inside one transaction, so
-        a reader in another process sees the old gate or the new one.
+        feedback, flagged by ``"measured_on"``). The gate is fitted with no lock held and stored together
+        with the holdout cut in one short transaction, so a reader in another process sees the old gate or
+        the new one; the run's report is recorded right after.
         """
         if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout < 1.0:
             raise InvalidInput(f"holdout must be a fraction in [0, 1), got {holdout!r}")
@@ -221,14 +233,16 @@ class FeedbackService:
             measured_on = "held-out feedback"
         _, hv, he, hr = held
         before = self._route_accuracy(hv, he, hr)
+        max_id = self.store.feedback.max_id()
+        figures = dict(self.gate.refit(holdout_cut=cut, write=lambda: self.store.feedback.set_holdout_cut(cut)) or {})
+        self.catalog.touch()
+        after = self._route_accuracy(hv, he, hr)
+        report = {"feedback": total, "training_events": total - (len(he) if cut else 0),
+                  "heldout_events": len(he) if cut else 0, "measured_on": measured_on,
+                  "before": before, "after": after, "gate": figures,
+                  "seconds": round(_time.perf_counter() - t0, 3)}
         with self.store.atomic():
-            figures = self._refit_with_cut(cut)
-            after = self._route_accuracy(hv, he, hr)
-            report = {"feedback": total, "training_events": total - (len(he) if cut else 0),
-                      "heldout_events": len(he) if cut else 0, "measured_on": measured_on,
-                      "before": before, "after": after, "gate": figures,
-                      "seconds": round(_time.perf_counter() - t0, 3)}
-            report["run"] = self.store.feedback.record_retrain(self.store.feedback.max_id(), report)
+            report["run"] = self.store.feedback.record_retrain(max_id, report)
         return report
 
     def _route_accuracy(self, vecs: np.ndarray, eids: np.ndarray, rewards: np.ndarray) -> dict[str, Any]:
@@ -253,10 +267,3 @@ class FeedbackService:
         return {"events": int((pos | neg).sum()), "accuracy": float(ok.mean()) if ok.size else None,
                 "positive": int(pos.sum()), "positive_hits": int(hit[pos].sum()),
                 "negative": int(neg.sum()), "negative_avoided": int((~hit[neg]).sum())}
-
-    def _refit_with_cut(self, cut: int) -> dict[str, Any]:
-        """Hold feedback with ``bucket < cut`` out of training and refit the gate (one transaction)."""
-        with self.store.atomic():
-            self.store.feedback.set_holdout_cut(cut)
-            self.catalog.touch()
-            return dict(self.gate.refit() or {})

@@ -22,7 +22,7 @@ import apsw
 import numpy as np
 import sqlite_vec
 
-from ..errors import EmbedderMismatch, MoedbError, SchemaError
+from ..errors import DatabaseBusy, EmbedderMismatch, MoedbError, SchemaError
 from ..vectors import F4
 
 _MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(sql|py)$")
@@ -92,7 +92,8 @@ class Connection:
             self.conn = apsw.Connection(path)
         except apsw.Error as e:
             raise MoedbError(f"cannot open database {path!r}: {e}") from None
-        self.conn.setbusytimeout(busy_timeout_ms)
+        self.busy_timeout_ms = int(busy_timeout_ms)
+        self.conn.setbusytimeout(self.busy_timeout_ms)
         self.conn.enable_load_extension(True)
         self.conn.load_extension(sqlite_vec.loadable_path())
         self.conn.enable_load_extension(False)
@@ -127,13 +128,36 @@ class Connection:
             raise MoedbError(f"{self.path!r} is a SQLite database of another application (tables: {shown}); "
                              "moedb leaves it alone: give a new or a moedb file")
 
+    def _busy_retry(self, sql: str, what: str) -> None:
+        """Run ``sql`` (``BEGIN IMMEDIATE`` or ``COMMIT``), retrying while another connection holds the
+        write lock, until the busy timeout; then :class:`DatabaseBusy` (never a raw ``apsw.BusyError``)."""
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000.0
+        pause = 0.005
+        while True:
+            try:
+                self.conn.execute(sql)
+                return
+            except apsw.BusyError:
+                if time.monotonic() >= deadline:
+                    raise DatabaseBusy(
+                        f"database is busy: another connection held the write lock of {self.path!r} for more "
+                        f"than {self.busy_timeout_ms / 1000:g} s while this one waited to {what} "
+                        "(a long write in another process); nothing was written, try again") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.25)
+
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
-        """A write transaction (``BEGIN IMMEDIATE``); nested calls are savepoints."""
+        """A write transaction (``BEGIN IMMEDIATE``); nested calls are savepoints. While another connection
+        writes, it waits (SQLite's busy handler, then retries) up to the busy timeout, then raises
+        :class:`~moedb.errors.DatabaseBusy`."""
         with self._lock:
             depth = self._depth
             name = f"sp{depth}"
-            self.conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT {name}")
+            if depth == 0:
+                self._busy_retry("BEGIN IMMEDIATE", "begin a write")
+            else:
+                self.conn.execute(f"SAVEPOINT {name}")
             self._depth += 1
             try:
                 yield
@@ -147,7 +171,15 @@ class Connection:
                 raise
             else:
                 self._depth -= 1
-                self.conn.execute("COMMIT" if depth == 0 else f"RELEASE {name}")
+                if depth == 0:
+                    try:
+                        self._busy_retry("COMMIT", "commit")
+                    except DatabaseBusy:
+                        self.conn.execute("ROLLBACK")
+                        self.rolled_back = True
+                        raise
+                else:
+                    self.conn.execute(f"RELEASE {name}")
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:
