@@ -336,11 +336,13 @@ class Database:
             collaboration: Optional[str] = None, rounds: Optional[int] = None, *, k: Optional[int] = None,
             min_confidence: Optional[float] = None, options: Optional[dict] = None,
             synthesizer: Optional[dict] = None, fallback: Optional[dict] = None,
-            stream: Optional[Callable[[str], None]] = None) -> Answer:
+            stream: Optional[Callable[[str], None]] = None, context: Optional[Sequence[str]] = None) -> Answer:
         """Answer ``query`` with the routed experts' generators and a synthesizer strategy (see
-        :meth:`moedb.ask.Generation.ask` and docs/generation.md)."""
+        :meth:`moedb.ask.Generation.ask` and docs/generation.md); ``context``: earlier turns of the
+        conversation."""
         return self.generation.ask(query, top_k, strategy, collaboration, rounds, k=k, min_confidence=min_confidence,
-                                   options=options, synthesizer=synthesizer, fallback=fallback, stream=stream)
+                                   options=options, synthesizer=synthesizer, fallback=fallback, stream=stream,
+                                   context=context)
 
 
 def connect(path: str = "moedb.db", embedder: Any = None, *, log_queries: Optional[bool] = None,

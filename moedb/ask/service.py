@@ -8,7 +8,7 @@ one of the strategies of :mod:`moedb.ask.synth`. Generator configurations are va
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -88,7 +88,7 @@ class Generation:
             collaboration: Optional[str] = None, rounds: Optional[int] = None, *, k: Optional[int] = None,
             min_confidence: Optional[float] = None, options: Optional[dict] = None,
             synthesizer: Optional[dict] = None, fallback: Optional[dict] = None,
-            stream: Optional[Callable[[str], None]] = None) -> Answer:
+            stream: Optional[Callable[[str], None]] = None, context: Optional[Sequence[str]] = None) -> Answer:
         """Answer ``query`` with the routed experts and a synthesizer strategy.
 
         Defaults (unless changed with :meth:`set_ask_defaults`): ``top_k=2`` experts, ``k=3``
@@ -97,6 +97,8 @@ class Generation:
         ``min_weight`` for weighted). ``synthesizer`` / ``fallback``: generator configs overriding
         the stored ones for this call. ``stream(text)`` receives the final stage's tokens as they
         are generated (or the final text in one piece when it is composed from several answers).
+        ``context``: earlier turns of the conversation (oldest first), used by routing and retrieval as in
+        :meth:`moedb.Database.route`.
         """
 
         t_start = time.perf_counter()
@@ -116,7 +118,7 @@ class Generation:
             raise InvalidInput("query is empty")
 
         t0 = time.perf_counter()
-        r = self.router.route(query, top_k=top_k, k=k * top_k, min_confidence=min_confidence)
+        r = self.router.route(query, top_k=top_k, k=k * top_k, min_confidence=min_confidence, context=context)
         route_ms = (time.perf_counter() - t0) * 1000.0
         t0 = time.perf_counter()
         by_expert: dict[str, list] = {e.name: [] for e in r.experts}

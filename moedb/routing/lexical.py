@@ -169,11 +169,14 @@ class LexicalIndex:
     # ------------------------------------------------------------------ scoring
     def _vector(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Known n-gram ids ``(m,)`` and their tf-idf weights ``(m,)`` for one text."""
+        counts = grams(text or "", self.chars)
+        if not counts:  # (a vector query: no need to build the vocabulary's lookup table)
+            return np.zeros(0, np.int64), np.zeros(0)
         lk = getattr(self, "_lookup", None)
         if lk is None:
             lk = self._lookup = {k: i for i, k in enumerate(self.vocab_.tolist())}
         fi, cnt = [], []
-        for k, c in grams(text or "", self.chars).items():
+        for k, c in counts.items():
             i = lk.get(k)
             if i is not None:
                 fi.append(i)

@@ -62,12 +62,17 @@ def text_of(content: Any) -> str:
 
 
 def query_of(body: ChatIn) -> str:
-    """The query: the text of the last user message. (Earlier turns do not reach the answer yet:
-    :meth:`moedb.Database.ask` routes without a conversation context; ``/v1/route`` takes ``context``.)"""
+    """The query: the text of the last user message."""
     users = [text_of(m.content) for m in body.messages if m.role == "user"]
     if not users:
         raise InvalidInput("messages: no message with role \"user\" (its text is the query)")
     return users[-1]
+
+
+def context_of(body: ChatIn) -> list[str]:
+    """The conversation before the last user message: its user turns, oldest first (routing context)."""
+    users = [text_of(m.content) for m in body.messages if m.role == "user"]
+    return [u for u in users[:-1] if u.strip()]
 
 
 def answered_by(answer: dict[str, Any], default: str) -> str:
@@ -91,7 +96,7 @@ def models() -> JSONOut:
 def _ask(pool: DatabasePool, body: ChatIn, query: str, strategy: Optional[str], stream=None) -> dict[str, Any]:
     with pool.read() as db:
         a = db.ask(query, top_k=body.top_k, strategy=strategy, k=body.k, min_confidence=body.min_confidence,
-                   stream=stream)
+                   stream=stream, context=context_of(body) or None)
     remember_route(pool, a, "chat")
     return a.to_dict()
 
