@@ -6,7 +6,8 @@ every call. Here the folder's export (see :mod:`.onnx_export`) is loaded from th
 texts are tokenised with the folder's own ``tokenizer.json`` (truncated to the sentence-transformers
 ``max_seq_length``, 256 word pieces for the bundled model), batched by length with padding, embedded,
 mean-pooled over the attention mask and L2-normalised: vectors agree with sentence-transformers' within
-1e-6 cosine.
+1e-6 cosine. ``max_tokens`` and ``count_tokens`` tell how many word pieces a text has before that
+truncation (the chunker in :mod:`moedb.ingest.passages` keeps passages within the limit).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidInput
 from .base import DEFAULT_DIM, check_texts, default_model_path, model_name
 from .cache import cached_model
 
@@ -167,6 +168,7 @@ class OnnxMiniLMEmbedder:
         self.model_file_: Optional[Path] = None
         self._session = None
         self._tokenizer = None
+        self._counter = None      # the tokenizer without truncation
         self._lock = threading.Lock()
 
     def _source(self, folder: Path) -> str | bytes:
@@ -178,11 +180,35 @@ class OnnxMiniLMEmbedder:
 
         return export_model(folder).SerializeToString()
 
+    def _folder(self) -> Path:
+        return Path(default_model_path() if self.model_path is None else self.model_path)
+
+    @property
+    def max_tokens(self) -> int:
+        """Word pieces a text may hold, [CLS] and [SEP] included (``max_length``, else the folder's
+        ``max_seq_length``: 256 for the bundled model); :meth:`embed` cuts longer texts off."""
+        return int(self.max_length or st_max_length(self._folder()))
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Word pieces of each text as :meth:`embed` tokenises it, before truncation, [CLS] and [SEP]
+        included (``""`` has 2). ``(n,)``; loads only the tokenizer, not the model."""
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InvalidInput(f"text #{i} is {type(t).__name__}, expected str")
+        with self._lock:
+            if self._counter is None:
+                tok = _tokenizer(self._folder(), self.max_tokens)
+                tok.no_truncation()
+                self._counter = tok
+            counter = self._counter
+        return [len(e.ids) for e in counter.encode_batch(texts)] if texts else []
+
     def _load(self) -> tuple[Any, Any]:
         """``(onnxruntime session, tokenizer)``, loaded once (thread-safe)."""
         with self._lock:
             if self._session is None:
-                folder = Path(default_model_path() if self.model_path is None else self.model_path)
+                folder = self._folder()
                 check_pipeline(folder)
                 session = _session(self._source(folder), self.threads)
                 dim = session.get_outputs()[0].shape[-1]

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidInput
 from .base import DEFAULT_DIM, check_texts, default_model_path, model_name
 
 EXTRA_HINT = 'pip install "moedb[tune]"'
@@ -87,6 +87,25 @@ class SentenceTransformerEmbedder:
                 except Exception as e:
                     raise ConfigError(f"embedder: cannot load sentence-transformers model {path!r}: {e}") from None
             return self._st
+
+    @property
+    def max_tokens(self) -> int:
+        """Word pieces a text may hold, special tokens included (the model's ``max_seq_length``)."""
+        return int(self._load().max_seq_length)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text as :meth:`embed` tokenises it, before truncation, special tokens included. ``(n,)``."""
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InvalidInput(f"text #{i} is {type(t).__name__}, expected str")
+        if not texts:
+            return []
+        st = self._load()
+        if getattr(st[0], "do_lower_case", False):
+            texts = [t.lower() for t in texts]
+        ids = st.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        return [len(x) for x in ids]
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed ``texts`` -> float32 ``(n, dim)`` unit rows."""

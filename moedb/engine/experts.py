@@ -14,7 +14,9 @@ import numpy as np
 
 from ..errors import InvalidInput, UnknownExpert
 from ..generate import validate_config
-from ..ingest.chunk import Passage, iter_files, read_passages
+from ..ingest.chunk import Passage, read_passages
+from ..ingest.files import NotText, Skipped, collect, warn_skipped
+from ..ingest.passages import Sizes, sizes_for
 from ..store import Store
 from ..text import is_unicode
 from ..types import Expert
@@ -36,6 +38,14 @@ def check_name(name: Any, what: str = "expert name") -> str:
         raise InvalidInput(f"{what} {name!r} is not valid Unicode (a lone surrogate)")
     return name
 
+
+
+def require(catalog: Catalog, name: Any) -> dict[str, Any]:
+    """The catalog row of expert ``name``: :class:`UnknownExpert` unless it names one (a name that is not a
+    string, such as a number or a NaN that cannot even be hashed, names none)."""
+    if not isinstance(name, str):
+        raise UnknownExpert(repr(name))
+    return catalog.require(name)
 
 
 def check_refuse(refuse: Any, parent: Optional[str]) -> bool:
@@ -78,18 +88,54 @@ def check_metadata(metadata: Any, what: str = "metadata") -> dict:
     return metadata
 
 
+def check_document_fields(i: int, did: Any, source: Any, position: Any) -> None:
+    """A document's ``id`` (a string or an integer), ``source`` (a string) and ``position`` (an integer), each
+    optional; :class:`InvalidInput` naming the document and the field otherwise."""
+    for field_, value, kinds, want in (("id", did, (str, int, np.integer), "a string or an integer"),
+                                       ("source", source, (str,), "a string"),
+                                       ("position", position, (int, np.integer), "an integer")):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise InvalidInput(f"document #{i}: {field_} must be {want}, got {type(value).__name__}")
+        if isinstance(value, str) and not is_unicode(value):
+            raise InvalidInput(f"document #{i}: {field_} is not valid Unicode (a lone surrogate)")
+        if field_ == "position" and not -2**63 <= int(value) < 2**63:
+            raise InvalidInput(f"document #{i}: position {value} is out of range")
+
+
 def check_generator(generator: Any) -> dict:
     """A validated generator configuration (``ConfigError`` naming the bad field)."""
     return validate_config(generator)
 
 
-def passages_of(paths: Any, chunk_size: int) -> list[Passage]:
-    """The passages of files or folders (one path or a list); an error when there are none."""
+def read_files(paths: Any, chunk_size: Union[int, Sizes],
+               root: Optional[str] = None) -> tuple[list[Passage], list[Skipped]]:
+    """``(passages, skipped files)`` of files or folders (one path or a list); which files may be read is
+    :func:`moedb.ingest.files.collect` (``root``: the folder every file must resolve inside)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    passages = [p for f in iter_files(list(paths)) for p in read_passages(f, chunk_size)]
+    found = collect(list(paths), root)
+    passages, skipped = [], list(found.skipped)
+    for f in found.files:
+        try:
+            passages += read_passages(f, chunk_size)
+        except NotText as e:
+            if f in found.explicit:
+                raise  # (a file named as such must be readable; one found in a folder is skipped)
+            skipped.append(Skipped(e.path, e.reason))
+    return passages, skipped
+
+
+def passages_of(paths: Any, chunk_size: Union[int, Sizes]) -> list[Passage]:
+    """The passages of files or folders (one path or a list); each skipped file is a
+    :class:`~moedb.errors.SkippedFile` warning; an error naming them when no passage is left."""
+    passages, skipped = read_files(paths, chunk_size)
     if not passages:
-        raise InvalidInput("no passages found in " + ", ".join(map(str, paths)))
+        given = ", ".join(map(str, [paths] if isinstance(paths, (str, os.PathLike)) else paths))
+        raise InvalidInput(f"no passages found in {given}" + (
+            " (skipped: " + "; ".join(map(str, skipped)) + ")" if skipped else ""))
+    warn_skipped(skipped)
     return passages
 
 
@@ -116,7 +162,7 @@ class ExpertEditor:
 
     def expert(self, name: str) -> Expert:
         """One expert by name; raises :class:`UnknownExpert`."""
-        return to_expert(self.catalog.require(name))
+        return to_expert(require(self.catalog, name))
 
     def check_parent(self, parent: Optional[str], child: Optional[str] = None) -> Optional[int]:
         """The id of ``parent`` if it can be the parent (of ``child``: no cycle); ``None`` for no parent."""
@@ -140,11 +186,13 @@ class ExpertEditor:
                    keywords: Optional[Sequence[str]] = None, parent: Optional[str] = None,
                    metadata: Optional[dict] = None, vectors: Optional[np.ndarray] = None,
                    generator: Optional[dict] = None, progress: Progress = None, refuse: bool = False,
-                   files: Optional[Sequence[str]] = None, chunk_size: int = 1000) -> Expert:
+                   files: Optional[Sequence[str]] = None, chunk_size: Optional[int] = None,
+                   chunk_tokens: Optional[int] = None, overlap: Optional[int] = None) -> Expert:
         """Create an expert, optionally with documents, in one transaction.
 
-        ``files``: files or folders (.txt/.md split paragraph-aware into passages of at most ``chunk_size``
-        characters, .jsonl one document per line) whose passages join ``documents``.
+        ``files``: files or folders (.txt/.md split into passages of at most ``chunk_tokens`` of the
+        embedder's tokens with ``overlap``, or of ``chunk_size`` characters: :meth:`sizes`; .jsonl one
+        document per line) whose passages join ``documents``.
 
         ``refuse=True`` makes a *refusal expert*: its documents are examples of queries that none of the
         experts should answer. It joins the gate as one more class but is never selected; a route whose
@@ -158,9 +206,9 @@ class ExpertEditor:
         gen = check_generator(generator) if generator is not None else None
         parent_id = self.check_parent(parent)
         if files:
-            documents = list(documents or []) + passages_of(files, chunk_size)
+            documents = list(documents or []) + passages_of(files, self.sizes(chunk_size, chunk_tokens, overlap))
         self.catalog.refresh()  # embed with the file's current embedder (another process may have tuned it)
-        prepared = self.prepare(documents or [], vectors, progress) if documents or vectors is not None else None
+        prepared = self.prepare(documents or None, vectors, progress) if documents or vectors is not None else None
         with self.store.atomic():
             eid = self.store.experts.insert(name, description or "", kw, parent_id, metadata or {}, gen, refuse)
             if prepared:
@@ -174,7 +222,7 @@ class ExpertEditor:
     def update_expert(self, name: str, *, description: Optional[str] = None, keywords: Optional[Sequence[str]] = None,
                       parent: Any = ..., metadata: Optional[dict] = None, refuse: Optional[bool] = None) -> Expert:
         """Change an expert's description, keywords, parent (``None`` detaches), metadata or refusal role."""
-        row = self.catalog.require(name)
+        row = require(self.catalog, name)
         fields: dict[str, Any] = {}
         if refuse is not None or parent is not ...:  # the role and the parent as they will be
             will_refuse = check_refuse(row["refuse"] if refuse is None else refuse,
@@ -197,15 +245,31 @@ class ExpertEditor:
 
     def remove_expert(self, name: str) -> None:
         """Delete an expert and its documents; its children become roots."""
-        row = self.catalog.require(name)
+        row = require(self.catalog, name)
         self.store.experts.delete(row["id"])
         self.catalog.touch()
 
     def prepare(self, documents: Sequence[Document], vectors: Optional[np.ndarray], progress: Progress,
                  batch: int = 256) -> tuple[list[tuple], np.ndarray]:
-        """Normalise documents to rows and compute/validate their vectors (before any write)."""
-        if isinstance(documents, (str, dict)):
+        """Normalise documents to rows and compute/validate their vectors (before any write).
+
+        With ``vectors`` ``(n, d)`` the documents may be ``None`` (or dicts without ``text``): such documents
+        have no text (stored as ``""``: routing uses their vectors, retrieval returns their id and metadata);
+        their id is the given one, else a hash of the vector.
+        """
+        if documents is None and vectors is not None:
+            documents = [{} for _ in range(len(as_matrix(vectors, self.embedding.dim, what="vectors")))]
+        if documents is None:
+            raise InvalidInput("documents: give documents (texts or dicts with 'text'), or vectors= for documents "
+                               "without text")
+        if isinstance(documents, (str, dict, Passage)):
             documents = [documents]
+        elif not isinstance(documents, (list, tuple)):
+            try:
+                documents = list(documents)
+            except TypeError:
+                raise InvalidInput(f"documents must be a list of texts or dicts with 'text', got "
+                                   f"{type(documents).__name__}") from None
         rows = []
         for i, d in enumerate(documents):
             if isinstance(d, Passage):
@@ -218,8 +282,15 @@ class ExpertEditor:
             else:
                 raise InvalidInput(f"document #{i}: expected str or dict with 'text', got {type(d).__name__}")
             check_metadata(md, f"document #{i}: metadata")
-            if not isinstance(text, str) or not text.strip():
-                raise InvalidInput(f"document #{i}: empty text")
+            check_document_fields(i, did, src, pos)
+            if text is None and vectors is not None:
+                text = ""  # a document known by its vector only
+                if did is None:
+                    v = as_matrix(vectors, self.embedding.dim, what="vectors")
+                    did = hashlib.sha1(v[i].tobytes()).hexdigest()[:16] if i < len(v) else None
+            elif not isinstance(text, str) or not text.strip():
+                raise InvalidInput(f"document #{i}: empty text" + ("" if vectors is not None else
+                                   " (documents without text need vectors=)"))
             if not is_unicode(text):
                 raise InvalidInput(f"document #{i}: text is not valid Unicode (a lone surrogate)")
             if did is None:
@@ -237,26 +308,44 @@ class ExpertEditor:
             return rows, normalize(v)
         return rows, self.embedding.embed_batches([r[1] for r in rows], progress, batch)
 
-    def add_documents(self, name: str, documents: Sequence[Document], vectors: Optional[np.ndarray] = None, *,
-                      on_conflict: str = "error", progress: Progress = None) -> int:
-        """Add documents to an expert in one transaction; returns how many were added."""
+    def add_documents(self, name: str, documents: Optional[Sequence[Document]] = None,
+                      vectors: Optional[np.ndarray] = None, *, on_conflict: str = "error",
+                      progress: Progress = None) -> int:
+        """Add documents to an expert in one transaction; returns how many were added (see :meth:`prepare`
+        for documents given by their vectors only)."""
         if on_conflict not in ("error", "skip", "replace"):
             raise InvalidInput(f"on_conflict must be error, skip or replace, not {on_conflict!r}")
-        row = self.catalog.require(name)
+        row = require(self.catalog, name)
         prepared = self.prepare(documents, vectors, progress)
         n = self.store.documents.insert(row["id"], *prepared, on_conflict=on_conflict)
         self.catalog.touch()
         return n
 
-    def add_files(self, name: str, paths: Sequence[str], *, chunk_size: int = 1000, on_conflict: str = "error",
+    def add_files(self, name: str, paths: Sequence[str], *, chunk_size: Optional[int] = None,
+                  chunk_tokens: Optional[int] = None, overlap: Optional[int] = None, on_conflict: str = "error",
                   progress: Progress = None) -> int:
-        """Split files (or directories of .txt/.md/.jsonl) into passages and add them in one transaction."""
-        self.catalog.require(name)
-        return self.add_documents(name, passages_of(paths, chunk_size), on_conflict=on_conflict, progress=progress)
+        """Split files (or directories of .txt/.md/.jsonl) into passages (:meth:`sizes`) and add them in one
+        transaction."""
+        require(self.catalog, name)
+        return self.add_documents(name, passages_of(paths, self.sizes(chunk_size, chunk_tokens, overlap)),
+                                  on_conflict=on_conflict, progress=progress)
+
+    def sizes(self, chunk_size: Optional[int] = None, chunk_tokens: Optional[int] = None,
+              overlap: Optional[int] = None) -> Sizes:
+        """How files become passages with the file's embedder: by its tokens (``chunk_tokens``, default
+        ``min(256, its limit)``; ``overlap``, default 32), or by ``chunk_size`` characters when given
+        (:func:`moedb.ingest.passages.sizes_for`)."""
+        emb = self.embedding.embedder
+        return sizes_for(emb.count_tokens, emb.max_tokens, chunk_size=chunk_size, chunk_tokens=chunk_tokens,
+                         overlap=overlap)
 
     def remove_documents(self, name: str, ids: Sequence[str]) -> int:
         """Remove documents by id; returns how many were removed."""
-        row = self.catalog.require(name)
+        row = require(self.catalog, name)
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, set, frozenset)):
+            raise InvalidInput(f"ids must be a list of document ids, got {type(ids).__name__}")
+        for j, x in enumerate(ids):
+            check_document_fields(j, x, None, None)
         n = self.store.documents.delete(row["id"], [str(i) for i in ids])
         self.catalog.touch()
         return n
@@ -266,5 +355,5 @@ class ExpertEditor:
         for arg, value in (("limit", limit), ("offset", offset)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (-1 if arg == "limit" else 0):
                 raise InvalidInput(f"{arg} must be an integer >= {-1 if arg == 'limit' else 0}, got {value!r}")
-        row = self.catalog.require(name)
+        row = require(self.catalog, name)
         return [{k: v for k, v in d.items() if k != "rowid"} for d in self.store.documents.list(row["id"], limit, offset)]

@@ -1,22 +1,24 @@
 """Reading files into passages.
 
-``.txt`` and ``.md`` files are split paragraph-aware into passages of at most
+``.txt`` and ``.md`` files are split by the embedder's tokens (:mod:`.passages`: paragraphs, sentences,
+markdown headings as titles, overlap), or, given ``chunk_size``, paragraph-aware into passages of at most
 ``chunk_size`` characters (paragraphs are packed together; an overlong paragraph is
-split at sentence ends, then hard-split). ``.jsonl`` files give one document per line
-(``text`` field required, optional ``id`` and ``metadata``). A directory is walked
-recursively for those suffixes, in sorted order.
+split at sentence ends, then hard-split; a passage over the embedder's limit is then cut by tokens).
+``.jsonl`` files give one document per line
+(``text`` field required, optional ``id`` and ``metadata``). Which files are read, and how safely,
+is :mod:`.files`.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 from ..errors import FileProblem, InvalidInput
+from .files import collect, read_text
+from .passages import Chunk, Sizes, split_passages, within_limit
 
-SUFFIXES = (".txt", ".md", ".jsonl")
 _SENT_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -68,34 +70,14 @@ def split_text(text: str, chunk_size: int = 1000) -> list[str]:
 
 
 def iter_files(paths: list[str]) -> list[str]:
-    """Expand files and directories into the sorted list of readable files."""
-    files: list[str] = []
-    for p in paths:
-        p = os.fspath(p)
-        if os.path.isdir(p):
-            found = []
-            for root, dirs, names in os.walk(p):
-                dirs.sort()
-                found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(SUFFIXES)]
-            if not found:
-                raise FileProblem(f"{p}: directory has no .txt, .md or .jsonl files")
-            files += found
-        elif os.path.exists(p):
-            if not p.lower().endswith(SUFFIXES):
-                raise FileProblem(f"{p}: unsupported file type (use .txt, .md or .jsonl)")
-            files.append(p)
-        else:
-            raise FileProblem(f"{p}: no such file or directory")
-    return files
+    """The files to read of files and folders (:func:`.files.collect`; skipped files are left out)."""
+    return collect(paths).files
 
 
-def read_passages(path: str, chunk_size: int = 1000) -> Iterator[Passage]:
-    """Passages of one file; raises :class:`FileProblem` if it cannot be read or parsed."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            content = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FileProblem(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+def read_passages(path: str, chunk_size: Union[int, Sizes] = 1000) -> Iterator[Passage]:
+    """Passages of one file (``chunk_size``: characters, or :class:`.passages.Sizes`); raises
+    :class:`FileProblem` if it cannot be read or parsed."""
+    content = read_text(path)  # (:class:`.files.NotText` for an empty or binary file)
     if path.lower().endswith(".jsonl"):
         for lineno, line in enumerate(content.splitlines(), 1):
             if not line.strip():
@@ -112,5 +94,8 @@ def read_passages(path: str, chunk_size: int = 1000) -> Iterator[Passage]:
             yield Passage(text=obj["text"], source=path, position=lineno - 1,
                           id=str(obj["id"]) if obj.get("id") is not None else None, metadata=md)
     else:
-        for i, piece in enumerate(split_text(content, chunk_size)):
-            yield Passage(text=piece, source=path, position=i)
+        sizes = chunk_size if isinstance(chunk_size, Sizes) else Sizes(chunk_size=chunk_size)
+        pieces = (split_passages(content, sizes, markdown=path.lower().endswith(".md")) if sizes.chunk_size is None
+                  else [Chunk(t, 0, 0, 0) for t in within_limit(split_text(content, sizes.chunk_size), sizes)])
+        for i, piece in enumerate(pieces):
+            yield Passage(text=piece.text, source=path, position=i, metadata=piece.metadata())

@@ -10,10 +10,15 @@ A file (``*.yaml`` / ``*.yml``) holds one mapping::
     system_prompt: You answer SQL questions precisely.
     generator: {backend: llama, model: ../models/base.gguf, lora: sql-lora.gguf}
     documents: [docs/sql/, notes.md]   # files or folders (.txt, .md, .jsonl)
-    chunk_size: 1000
+    chunk_tokens: 256              # passages by the embedder's tokens (default: 256, or its limit)
+    overlap: 32                    # tokens repeated where a paragraph is cut (default 32)
+    # chunk_size: 1000             # or: passages by characters, as before (not with chunk_tokens/overlap)
 
 Relative paths are resolved against the file's folder; passage sources are stored relative to
 it (``docs/sql/joins.md#0``), so applying from another working directory changes nothing.
+``documents`` paths must lie inside that folder (an absolute path or a ``../`` out of it is refused; links
+are followed only inside it); files that are not read are listed under ``skipped`` in the report.
+A file whose YAML aliases expand beyond :data:`MAX_YAML_NODES` values is refused (alias amplification).
 A key that is present is managed: ``documents`` makes the expert's documents exactly the listed
 passages (new and changed ones are embedded and written, missing ones removed). A key that is
 absent leaves that part of an existing expert alone. ``system_prompt`` goes into the generator
@@ -21,19 +26,20 @@ config (an overlay on the database default when the file has no ``generator``).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..engine.catalog import Catalog
-from ..engine.experts import ExpertEditor, check_metadata, check_name, check_refuse
+from ..engine.experts import ExpertEditor, check_metadata, check_name, check_refuse, read_files
 from ..errors import ConfigError, FileProblem, InvalidInput
 from ..generate import validate_config
-from ..ingest.chunk import iter_files, read_passages
+from ..ingest.files import Skipped, inside_folder, warn_skipped
 from ..store import Store
 
 KEYS = {"name", "description", "keywords", "parent", "metadata", "system_prompt", "generator", "documents",
-        "chunk_size", "refuse"}
+        "chunk_size", "chunk_tokens", "overlap", "refuse"}
 
 
 @dataclass
@@ -49,11 +55,13 @@ class ExpertPlan:
     new_vectors: Any = None
     remove_ids: list[str] = field(default_factory=list)
     changed: int = 0
+    skipped: list[Skipped] = field(default_factory=list)   # files of ``documents:`` not read, and why
 
     def summary(self) -> dict[str, Any]:
         return {"file": self.file, "action": self.action, "fields": sorted(self.fields) + (
             ["parent"] if self.parent is not ... and self.action == "updated" else []),
-            "added": len(self.new_rows) - self.changed, "changed": self.changed, "removed": len(self.remove_ids)}
+            "added": len(self.new_rows) - self.changed, "changed": self.changed, "removed": len(self.remove_ids),
+            "skipped": [x.to_dict() for x in self.skipped]}
 
 
 @dataclass
@@ -72,18 +80,54 @@ def _err(file: str, msg: str) -> ConfigError:
     return ConfigError(f"{file}: {msg}")
 
 
+MAX_YAML_NODES = 100_000   # values a file may hold once its aliases are expanded
+
+
+def _expanded_nodes(node: Any, memo: dict[int, int]) -> int:
+    """How many values the YAML node tree holds with every alias expanded (an alias shares its anchor's
+    node, so 8 levels of 8 aliases are 8**8 values in a few hundred bytes)."""
+    n = memo.get(id(node))
+    if n is None:
+        value = node.value
+        if isinstance(value, list):
+            items = [x for pair in value for x in pair] if value and isinstance(value[0], tuple) else value
+            n = 1 + sum(_expanded_nodes(x, memo) for x in items)
+        else:
+            n = 1
+        memo[id(node)] = n
+    return n
+
+
+@functools.lru_cache(maxsize=1)
+def _loader() -> type:
+    """yaml's SafeLoader, refusing a document whose aliases expand beyond :data:`MAX_YAML_NODES` values."""
+    import yaml
+
+    class BoundedSafeLoader(yaml.SafeLoader):
+        def compose_document(self) -> Any:
+            node = super().compose_document()
+            if node is not None and _expanded_nodes(node, {}) > MAX_YAML_NODES:
+                raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES:,} values "
+                                     "(alias amplification); write the values out instead")
+            return node
+
+    return BoundedSafeLoader
+
+
 def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_loader())
     except OSError as e:
         raise FileProblem(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise FileProblem(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise FileProblem(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise FileProblem(f"{path}: invalid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise _err(path, "must contain one mapping (name, description, documents, ...)")
     unknown = sorted(set(map(str, data)) - KEYS)
@@ -92,31 +136,32 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def _passages(parts: "ExpertFiles", spec: dict, base: str, file: str) -> list[dict[str, Any]]:
+def _passages(parts: "ExpertFiles", spec: dict, base: str, file: str) -> tuple[list[dict[str, Any]], list[Skipped]]:
+    """The passages of a file's ``documents:`` (paths inside its folder only) and the files skipped."""
     docs = spec["documents"]
     if isinstance(docs, str):
         docs = [docs]
     if not isinstance(docs, list) or not all(isinstance(d, str) and d for d in docs):
         raise _err(file, "documents: must be a list of file or folder paths")
-    size = spec.get("chunk_size", 1000)
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise _err(file, f"chunk_size: must be an integer, got {size!r}")
-    paths = [d if os.path.isabs(d) else os.path.join(base, d) for d in docs]
     try:
-        files = iter_files(paths)
-        out = []
-        for f in files:
-            rel = os.path.relpath(f, base).replace(os.sep, "/")
-            for p in read_passages(f, size):
-                out.append({"id": p.id if p.id is not None else f"{rel}#{p.position}", "text": p.text,
-                            "metadata": p.metadata, "source": rel, "position": p.position})
+        size = parts.experts.sizes(*(spec.get(k) for k in ("chunk_size", "chunk_tokens", "overlap")))
+    except InvalidInput as e:
+        raise _err(file, str(e)) from None
+    try:
+        paths = [inside_folder(base, d, "documents") for d in docs]
+        passages, skipped = read_files(paths, size, root=base)
     except (FileProblem, InvalidInput) as e:
         raise type(e)(f"{file}: {e}") from None
+    out = []
+    for p in passages:
+        rel = os.path.relpath(p.source, base).replace(os.sep, "/")
+        out.append({"id": p.id if p.id is not None else f"{rel}#{p.position}", "text": p.text,
+                    "metadata": p.metadata, "source": rel, "position": p.position})
     ids = [d["id"] for d in out]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise _err(file, f"document id {dup!r} appears twice")
-    return out
+    return out, [Skipped(os.path.relpath(x.path, base).replace(os.sep, "/"), x.reason) for x in skipped]
 
 
 def _spec_plan(parts: "ExpertFiles", path: str, data: dict) -> tuple[ExpertPlan, Optional[list[dict]]]:
@@ -159,10 +204,12 @@ def _spec_plan(parts: "ExpertFiles", path: str, data: dict) -> tuple[ExpertPlan,
                 raise _err(path, "system_prompt: must be a string")
             gen = {**gen, "system_prompt": data["system_prompt"]}
         try:
-            want["generator"] = validate_config(gen, base_dir=base)
+            want["generator"] = validate_config(gen, base_dir=base, expert=name)
         except ConfigError as e:
             raise _err(path, str(e)) from None
-    docs = _passages(parts, data, base, path) if "documents" in data else None
+    docs = None
+    if "documents" in data:
+        docs, plan.skipped = _passages(parts, data, base, path)
     plan.fields = want
     return plan, docs
 
@@ -204,6 +251,7 @@ def plan_dir(parts: "ExpertFiles", folder: str) -> DirPlan:
         if plan.name in seen:
             raise _err(f, f"name: expert {plan.name!r} is also defined in {seen[plan.name]}")
         seen[plan.name] = f
+        warn_skipped(Skipped(f"{f}: {x.path}", x.reason) for x in plan.skipped)
         plans.append(plan)
         docs_of[plan.name] = docs
     plans = _order(plans, set(parts.catalog.by_name))
