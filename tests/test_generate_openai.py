@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("openai", reason='the openai backend needs the openai package (pip install "moedb[openai]")')
 
+from moedb.errors import ConfigError  # noqa: E402
 from moedb.generate import GenerationError, GenRequest, make_generator, validate_config  # noqa: E402
 
 KEY_ENV = "MOEDB_TEST_OPENAI_KEY"
@@ -222,10 +223,13 @@ def test_a_slow_stream_is_cut_at_the_deadline(stub, key):
 
 
 def test_missing_sdk_names_the_extra(stub, key, monkeypatch):
+    g = _gen(stub[0] + "/v1", retries=2)  # (set while the SDK was there: setting it now is refused, below)
     monkeypatch.setitem(sys.modules, "openai", None)  # import openai -> ImportError
     with pytest.raises(GenerationError, match=r'pip install "moedb\[openai\]"') as e:
-        _gen(stub[0] + "/v1", retries=2).generate(REQ)
+        g.generate(REQ)
     assert e.value.attempts == 1
+    with pytest.raises(ConfigError, match=r"needs the extra 'openai'"):
+        _gen(stub[0] + "/v1")
 
 
 def test_down_and_hanging_servers_retry_then_fail(key):
@@ -258,7 +262,8 @@ def test_experts_on_a_server_through_ask(db, stub, key):
                   generator={**cfg, "base_url": f"http://127.0.0.1:{_free_port()}/v1", "retries": 1,
                              "retry_backoff": 0.01})
     pieces: list[str] = []
-    a = db.ask("What did Lily play with?", top_k=2, strategy="concatenate", stream=pieces.append)
+    a = db.ask("What did Lily play with?", top_k=2, strategy="concatenate", stream=pieces.append,
+               min_confidence=0.0)  # (both experts are asked: this test is about their servers)
     by = {c.expert: c for c in a.contributions}
     assert by["kids"].ok and by["kids"].tokens >= 1 and by["kids"].backend == "openai"
     assert not by["pirates"].ok and "connection refused" in by["pirates"].error and by["pirates"].attempts == 2
