@@ -383,3 +383,23 @@ def test_a_small_change_keeps_the_calibration_and_a_larger_one_recalibrates(vdb)
     assert not vdb.router_figures().get("calibration_reused")  # 0: always calibrate anew
     with pytest.raises(moedb.ConfigError, match="recalibrate_after"):
         vdb.configure(recalibrate_after=1.5)
+
+
+def test_a_new_generator_or_metadata_does_not_refit_the_router(tmp_path):
+    """Issue 16: set-generator forced a router refit (the next route paid 1.5-2.5 s)."""
+    rng = np.random.default_rng(5)
+    db = moedb.connect(str(tmp_path / "g.moedb"), embedder=moedb.VectorsOnly(8))
+    for e in range(3):
+        v = rng.normal(size=(6, 8))
+        db.add_expert(f"e{e}", [f"e{e}-{j}" for j in range(6)], vectors=v)
+    db.warm_router()
+    key = db.store.artefacts.key("gate")
+    db.set_generator("e1", {"backend": "extractive"})
+    db.update_expert("e2", metadata={"owner": "ops"})
+    db.route(rng.normal(size=8), log=False)
+    assert db.store.artefacts.key("gate") == key  # the stored gate still fits: nothing was refitted
+    assert db.expert("e2").metadata == {"owner": "ops"} and db.generator_config("e1")["backend"] == "extractive"
+    db.update_expert("e2", description="now about something else")
+    db.route(rng.normal(size=8), log=False)
+    assert db.store.artefacts.key("gate") != key  # a description feeds the lexical signal: refitted
+    db.close()

@@ -94,7 +94,10 @@ class ExpertTable:
         with self.db.atomic():
             if "name" in fields and self.db.q1("SELECT 1 FROM experts WHERE name=? AND id<>?", (fields["name"], expert_id)):
                 raise DuplicateExpert(f"expert {fields['name']!r} already exists")
-            self.db.conn.execute(f"UPDATE experts SET {sets}, version=version+1, updated_at=:now WHERE id=:id", enc)
+            # the version says "what routing learns from changed" (documents, name, description, keywords, parent,
+            # refusal role): a new generator or metadata moves only updated_at, so the gate is not refitted
+            bump = ", version=version+1" if set(fields) - {"generator", "metadata"} else ""
+            self.db.conn.execute(f"UPDATE experts SET {sets}{bump}, updated_at=:now WHERE id=:id", enc)
 
     def delete(self, expert_id: int) -> None:
         with self.db.atomic():
