@@ -7,7 +7,7 @@ documents. No process holds a copy of the corpus: only hot experts, within ``vec
 Three modes (``retrieval=`` per call, else the ``retrieval`` setting): ``"dense"`` (cosine), ``"lexical"``
 (BM25 over the full-text index) and ``"hybrid"``: the best :data:`FUSION_DEPTH` of each, fused by reciprocal
 rank, ``sum 1 / (RRF_K + rank)`` (Cormack et al. 2009; ``RRF_K`` = 60 as published, not tuned here). On
-MTRAG (exhaustive, 377 questions) dense gave nDCG@10 0.778, BM25 0.766, hybrid 0.816
+MTRAG (exhaustive, 377 questions) dense gave nDCG@10 0.778, BM25 0.782, hybrid 0.821
 (``benches/bench_retrieval.py``). The mode decides the order; a hit's ``score`` is always its cosine
 similarity to the query (comparable across queries and modes); ``explain`` adds each hit's ``components``
 (cosine and BM25 with their ranks, and the fused value). A query given as a vector has no words: it is
