@@ -62,9 +62,9 @@ def main() -> None:
             elif r.abstained:
                 print(f"   -> looks like none of the experts (abstained; scope {r.scope:.2f})")
             for e in r.experts:
-                print(f"   expert {e.name:<10} confidence {e.confidence:.2f}  score {e.score:.3f}")
+                print(f"   expert {e.name:<10} confidence {e.confidence:.2f}")
             for h in r.hits:
-                print(f"   [{h.expert}] {h.score:.3f}  {h.text[:110]!r}  ({os.path.relpath(h.source or '', HERE)})")
+                print(f"   [{h.expert}] cosine {h.score:.3f}  {h.text[:110]!r}  ({os.path.relpath(h.source or '', HERE)})")
 
 
 if __name__ == "__main__":
