@@ -56,6 +56,7 @@ def test_weight_follows_which_signal_classifies_pseudo_queries():
     assert back.weight_ == wrong.weight_ and np.allclose(back.logits(X[:5]), wrong.logits(X[:5]))
 
 
+@pytest.mark.slow  # (embeds ~1,000 MTRAG texts: about a minute on two idle cores)
 def test_questions_reach_the_domain_holding_their_answer(tmp_path, shared_dir, embedder):
     d = shared_dir / "data" / "mtrag_gold"
     corpus = [json.loads(line) for line in open(d / "corpus.jsonl", encoding="utf-8")]
