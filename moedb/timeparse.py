@@ -1,4 +1,5 @@
-"""Times as callers give them (epoch seconds, ``datetime``, ISO-8601 strings) turned into epoch seconds."""
+"""Times as callers give them (epoch seconds, as numbers or as text, ``datetime``, ISO-8601 strings) turned into
+epoch seconds."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -11,7 +12,8 @@ from .errors import InvalidInput
 
 
 def parse_time(value: Any, what: str = "time") -> Optional[float]:
-    """Epoch seconds from a number, a ``datetime`` or an ISO-8601 string (``None`` stays ``None``)."""
+    """Epoch seconds from a number (or its text, as a command line or a query string gives it), a ``datetime``
+    or an ISO-8601 string (``None`` stays ``None``)."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -26,6 +28,10 @@ def parse_time(value: Any, what: str = "time") -> Optional[float]:
     if isinstance(value, _dt.date):
         return _dt.datetime(value.year, value.month, value.day).timestamp()
     if isinstance(value, str):
+        try:
+            return parse_time(float(value), what)
+        except ValueError:
+            pass
         try:
             return _dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
         except ValueError:

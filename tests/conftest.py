@@ -73,3 +73,12 @@ def _has(module: str) -> bool:
 needs_openai = pytest.mark.skipif(not _has("openai"), reason="the openai backend needs the openai extra: "
                                   "pip install 'moedb[openai]'")
 has_matplotlib = _has("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def stories(shared_dir):
+    """The path of ../shared/models/stories260K.gguf (a real tiny Llama model in GGUF)."""
+    p = shared_dir / "models" / "stories260K.gguf"
+    if not p.exists():
+        pytest.skip(f"{p} not found")
+    return str(p)

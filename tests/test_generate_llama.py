@@ -23,14 +23,6 @@ pytestmark = pytest.mark.shared
 
 
 @pytest.fixture(scope="module")
-def stories(shared_dir):
-    p = shared_dir / "models" / "stories260K.gguf"
-    if not p.exists():
-        pytest.skip(f"{p} not found")
-    return str(p)
-
-
-@pytest.fixture(scope="module")
 def adapters(stories, tmp_path_factory):
     d = tmp_path_factory.mktemp("lora")
     a, b = str(d / "kids.gguf"), str(d / "pirates.gguf")

@@ -10,6 +10,14 @@ from ..errors import MoedbError
 from .common import JSON_OPT, REFIT_OPT, LazyBar, app, console, emit_json, open_db, skipped_files, warm_router
 
 
+# how files become passages: one definition for add-expert and add-docs
+CHUNK_SIZE_OPT = typer.Option(None, "--chunk-size", help="Max characters per passage (split by characters instead "
+                              "of the embedder's tokens).")
+CHUNK_TOKENS_OPT = typer.Option(None, "--chunk-tokens", help="Max embedder tokens per passage (default: 256, or the "
+                                "embedder's limit).")
+OVERLAP_OPT = typer.Option(None, "--overlap", help="Tokens repeated where a paragraph is cut (default 32).")
+
+
 @app.command()
 def init(ctx: typer.Context, json_out: bool = JSON_OPT) -> None:
     """Create the database file (or check an existing one) and print its summary."""
@@ -30,12 +38,8 @@ def add_expert(ctx: typer.Context, name: str,
                description: str = typer.Option("", "--description"),
                keyword: List[str] = typer.Option(None, "--keyword", help="Keyword (repeatable)."),
                parent: Optional[str] = typer.Option(None, "--parent"),
-               chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Max characters per passage "
-                                                        "(split by characters instead of the embedder's tokens)."),
-               chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Max embedder tokens per "
-                                                          "passage (default: 256, or the embedder's limit)."),
-               overlap: Optional[int] = typer.Option(None, "--overlap", help="Tokens repeated where a paragraph "
-                                                     "is cut (default 32)."),
+               chunk_size: Optional[int] = CHUNK_SIZE_OPT, chunk_tokens: Optional[int] = CHUNK_TOKENS_OPT,
+               overlap: Optional[int] = OVERLAP_OPT,
                refuse: bool = typer.Option(False, "--refuse", help="A refusal expert: its documents are examples "
                                            "of queries no expert should answer; routes that match it abstain."),
                refit: bool = REFIT_OPT, json_out: bool = JSON_OPT) -> None:
@@ -62,12 +66,8 @@ def add_expert(ctx: typer.Context, name: str,
 
 @app.command("add-docs")
 def add_docs(ctx: typer.Context, name: str, paths: List[str] = typer.Argument(..., help="Files or directories."),
-             chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Max characters per passage "
-                                                      "(split by characters instead of the embedder's tokens)."),
-             chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Max embedder tokens per "
-                                                        "passage (default: 256, or the embedder's limit)."),
-             overlap: Optional[int] = typer.Option(None, "--overlap", help="Tokens repeated where a paragraph "
-                                                   "is cut (default 32)."),
+             chunk_size: Optional[int] = CHUNK_SIZE_OPT, chunk_tokens: Optional[int] = CHUNK_TOKENS_OPT,
+             overlap: Optional[int] = OVERLAP_OPT,
              on_conflict: str = typer.Option("error", "--on-conflict", help="error | skip | replace"),
              refit: bool = REFIT_OPT, json_out: bool = JSON_OPT) -> None:
     """Add files' passages to an existing expert."""

@@ -19,16 +19,8 @@ def stats(ctx: typer.Context,
           json_out: bool = JSON_OPT) -> None:
     """Load analytics from the query log: per-expert load, imbalance, latency, load over time."""
 
-    def t(v: Optional[str]):
-        if v is None:
-            return None
-        try:
-            return float(v)
-        except ValueError:
-            return v
-
     with open_db(ctx) as db:
-        out = db.stats(since=t(since), until=t(until), buckets=buckets)
+        out = db.stats(since=since, until=until, buckets=buckets)
     if plot:
         stats_plot(out, plot)
     if json_out:

@@ -161,21 +161,11 @@ def ask(request: Request, body: AskIn) -> JSONOut:
     return JSONOut(a.to_dict())
 
 
-def _time_arg(v: Optional[str]) -> Union[None, float, str]:
-    """``--since``/``--until`` as the CLI reads them: epoch seconds when a number, else an ISO date."""
-    if v is None:
-        return None
-    try:
-        return float(v)
-    except ValueError:
-        return v
-
-
 @router.get("/stats", summary="Load analytics from the query log (as `moedb stats --json`)")
 def stats(request: Request, since: Optional[str] = Query(None, max_length=100),
           until: Optional[str] = Query(None, max_length=100), buckets: int = Query(24, le=10_000)) -> JSONOut:
     with pool_of(request).read() as db:
-        return JSONOut(db.stats(since=_time_arg(since), until=_time_arg(until), buckets=buckets))
+        return JSONOut(db.stats(since=since, until=until, buckets=buckets))
 
 
 @router.get("/recent", summary="Routes served by this process, newest first (for the dashboard)")
