@@ -1,6 +1,7 @@
 """Routed retrieval on MTRAG, side by side in one run: exhaustive dense / BM25 / hybrid search, routed
 (top_k 1 and 2) dense and hybrid, with and without the passage evidence, and FAISS IVF (nlist = the
-number of experts) at a comparable scanned fraction; plus conversations (earlier turns as context).
+number of experts) at a comparable scanned fraction; how many experts each selection rule keeps; and
+conversations (context that helps and context that does not).
 
 The 4 domains of ``../shared/data/mtrag_gold`` are experts (1,152 passages); the 377 queries with their
 qrels are only scored, never fitted on (moedb fits its evidence weight on pseudo-queries of its own
@@ -132,17 +133,49 @@ def main() -> None:
         pos = {q["_id"]: i for i, q in enumerate(queries)}
         score(f"FAISS IVF nlist={len(domains)} nprobe={probes}", lambda q: [ids[j] for j in lab[pos[q["_id"]]] if j >= 0],
               scanned)
-    # conversations: earlier turns present in the set as context
+    # the rule that decides how many of the top_k experts a route keeps (with the passage evidence)
     db.configure(passage_evidence=True)
+    rules = {}
+    for label, mc in (("every expert up to top_k", 0.0), ("a later expert at confidence >= 0.05", 0.05),
+                      ("the default (calibrated abstention, drop rule)", None)):
+        for mode in ("dense", "hybrid"):
+            scanned, kept = [], []
+
+            def run(q, mode=mode, mc=mc, scanned=scanned, kept=kept):
+                r = db.route(q["text"], top_k=2, k=10, min_confidence=mc, retrieval=mode)
+                scanned.append(sum(size[e.name] for e in r.experts) / N)
+                kept.append(len(r.experts))
+                return [h.id for h in r.hits]
+            score(f"routed top_k=2 {mode}, {label}", run, scanned)
+            rows[-1] = rows[-1][:3] + (float(np.mean(scanned)),) + rows[-1][4:]
+            rules[rows[-1][0]] = collections.Counter(kept)
+    # conversations: the set holds no earlier turn of any query's conversation (one turn per conversation).
+    # Measured instead: the gain of context where the latest turn needs it (a generic follow-up asked after
+    # the question, scored against the question's qrels) and its cost where it does not help (a question of
+    # another conversation of the same domain, or of another domain, given as the earlier turn)
     prev = earlier_turns(queries)
     multi = [q for q in queries if prev[q["_id"]]]
+    rng = np.random.default_rng(0)
+    same = {q["_id"]: [o["text"] for o in queries if o["domain"] == q["domain"] and o is not q] for q in queries}
+    other = {q["_id"]: [o["text"] for o in queries if o["domain"] != q["domain"]] for q in queries}
+    follow = ["Can you tell me more about that?", "Why is that?", "What else should I know?",
+              "And how does it work?", "Is that always the case?"]
+    asked = {q["_id"]: follow[i % len(follow)] for i, q in enumerate(queries)}
     conv = {}
-    for label, ctx in (("no context", False), ("earlier turns as context", True)):
+    for label, ctx in (("a follow-up alone", "follow"), ("a follow-up after the question", "question"),
+                       ("no context", None), ("earlier turns in the set", prev),
+                       ("another question of its domain", {k: [str(rng.choice(v))] for k, v in same.items()}),
+                       ("a question of another domain", {k: [str(rng.choice(v))] for k, v in other.items()})):
+        use = multi if label == "earlier turns in the set" else queries
         n = 0.0
-        for q in multi:
-            r = db.route(q["text"], top_k=2, k=10, min_confidence=0.0, context=prev[q["_id"]] if ctx else None)
+        for q in use:
+            if isinstance(ctx, str):  # the follow-up is asked, with or without the question before it
+                r = db.route(asked[q["_id"]], top_k=2, k=10, min_confidence=0.0,
+                             context=[q["text"]] if ctx == "question" else None)
+            else:
+                r = db.route(q["text"], top_k=2, k=10, min_confidence=0.0, context=ctx[q["_id"]] if ctx else None)
             n += ndcg([h.id for h in r.hits], qrels[q["_id"]])
-        conv[label] = n / max(1, len(multi))
+        conv[label] = (n / max(1, len(use)), len(use))
 
     ex = {r[0]: r for r in rows}
     print(f"MTRAG: {len(domains)} domains as experts, {N:,} passages, {len(queries)} queries; build {build_s:.1f} s, "
@@ -155,8 +188,12 @@ def main() -> None:
     print("\n| top-1 expert = the query's domain | |\n| --- | --- |")
     for tag, acc in top1.items():
         print(f"| {tag} | {100 * acc:.1f}% |")
-    print(f"\nConversations ({len(multi)} queries with earlier turns in the set), routed top_k=2 hybrid nDCG@10: " +
-          ", ".join(f"{k} {v:.3f}" for k, v in conv.items()))
+    print("\n| experts kept by the rule (top_k=2) | 0 (abstained) | 1 | 2 |\n| --- | --- | --- | --- |")
+    for name, c in rules.items():
+        print(f"| {name} | {c[0]} | {c[1]} | {c[2]} |")
+    print("\n| conversation context, routed top_k=2 hybrid | queries | nDCG@10 |\n| --- | --- | --- |")
+    for label, (v, m) in conv.items():
+        print(f"| {label} | {m} | {v:.3f} |")
 
 
 if __name__ == "__main__":

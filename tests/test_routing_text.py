@@ -94,7 +94,7 @@ def test_context_routes_a_follow_up_using_the_conversation(tdb):
     assert withc.experts[0].name == "cloud-credentials"
     conf = lambda r, n: next(e.confidence for e in r.experts if e.name == n)  # noqa: E731
     assert conf(withc, "cloud-credentials") > conf(alone, "cloud-credentials")
-    assert withc.explanation["context_turns"] == 2
+    assert withc.explanation["context_turns"] == 2 and withc.explanation["context_used"]
     # about tires, the same follow-up goes to the car expert
     tyres = tdb.route(follow, top_k=1, min_confidence=0.0, log=False,
                       context=["My car's front tires wear faster than the rear ones"])
@@ -103,6 +103,24 @@ def test_context_routes_a_follow_up_using_the_conversation(tdb):
     assert tdb.route(follow, context=[], log=False, min_confidence=0.0).experts[0].name == alone.experts[0].name
     with pytest.raises(moedb.InvalidInput, match="context must be a list of strings"):
         tdb.route(follow, context="I need AWS keys")
+
+
+def test_short_documents_that_read_like_queries_leave_routing_to_the_gate(tdb):
+    # each pseudo-query is most of its document, so its document is left out of its evidence, and the gate
+    # (which saw the others like it) classifies them better than the nearest remaining documents do
+    assert tdb.warm_router()["evidence"]["weight"] == 0.0
+
+
+def test_a_question_that_changes_the_subject_is_read_alone(tdb):
+    conv = ["I need to create access keys for my IAM user in AWS", "how do I rotate my IAM access keys?"]
+    for q, want in IN_SCOPE.items():
+        alone = tdb.route(q, top_k=1, k=1, min_confidence=0.0, log=False)
+        r = tdb.route(q, top_k=1, k=1, min_confidence=0.0, log=False, context=conv, explain=True)
+        assert r.experts[0].name == want == alone.experts[0].name
+        if want != "cloud-credentials":  # off the conversation's subject: the conversation is not mixed in
+            assert not r.explanation["context_used"], q
+            assert [h.id for h in r.hits] == [h.id for h in alone.hits]
+            assert r.experts[0].confidence == pytest.approx(alone.experts[0].confidence)
 
 
 def test_explain_names_lexical_terms_and_components(tdb):

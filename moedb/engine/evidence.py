@@ -4,7 +4,8 @@
 over the experts), makes pseudo-queries of the first words of some of them, and fits a
 :class:`~moedb.routing.evidence.PassageEvidence` whose weight says how much the route should trust the
 nearest passages over the gate on this file (see that module). The fit is keyed by the gate's key, so it
-follows every refit; it is stored as the artefact ``evidence``.
+follows every refit (and a change of :data:`RULE` or of ``evidence_sample``); it is stored as the artefact
+``evidence``.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from ..store import Store
 from .catalog import Catalog
 from .embedding import FileEmbedder
 
-PSEUDO_WORDS = 12  # a pseudo-query is a passage's first words, about a question's length (the middle
-# words measured worse on MTRAG: 88.3% vs 89.9% top-1)
+PSEUDO_WORDS = 12  # a pseudo-query is a passage's first words, about a question's length
 PSEUDO_QUERIES = 400  # pseudo-queries in all, spread over the experts (at least 2 each)
+RULE = 2  # the version of the fitting rule: a stored fit of an older rule (or another sample size) is refitted
+COPY_SHARE = 0.5  # a pseudo-query holding at least this share of its passage's words is a copy of it
 
 
 class EvidenceService:
@@ -36,19 +38,20 @@ class EvidenceService:
         """The evidence fitted for ``router`` (loaded or fitted and stored), ``None`` when it is turned off."""
         if router is None or not self.catalog.settings.passage_evidence:
             return None
-        if self._current is not None and self._current[0] == router.key:
+        key = f"{router.key};evidence-rule={RULE};sample={int(self.catalog.settings.evidence_sample)}"
+        if self._current is not None and self._current[0] == key:
             return self._current[1]
         stored = self.store.artefacts.get("evidence")
         ev = None
-        if stored is not None and stored[0] == router.key:
+        if stored is not None and stored[0] == key:
             try:
                 ev = PassageEvidence.from_bytes(stored[1])
             except (ValueError, KeyError, OSError):
                 ev = None
         if ev is None or len(ev.scale_) != len(router.rows):
             ev = self._fit(router)
-            self.store.artefacts.put("evidence", router.key, ev.to_bytes(), ev.figures_)
-        self._current = (router.key, ev)
+            self.store.artefacts.put("evidence", key, ev.to_bytes(), ev.figures_)
+        self._current = (key, ev)
         return ev
 
     def _fit(self, router) -> PassageEvidence:
@@ -67,9 +70,15 @@ class EvidenceService:
             cols += [j] * len(t)
             scale[j] = row["size"] / len(t)
             for i in range(min(per_q, len(t)) if j % every == 0 else 0):
-                if t[i].strip():
-                    texts.append(" ".join(t[i].split()[:PSEUDO_WORDS]))
-                    source.append(start + i)
+                words = t[i].split()
+                if words:
+                    texts.append(" ".join(words[:PSEUDO_WORDS]))
+                    # a pseudo-query stands for a question whose answer is its passage: the passage stays in
+                    # the evidence, as a real question's answer is in the store. A pseudo-query that is (most
+                    # of) its passage is a copy (short documents that are query examples, like intent
+                    # utterances): its passage is left out, as a new query is not in the store.
+                    copy = min(PSEUDO_WORDS, len(words)) >= COPY_SHARE * len(words)
+                    source.append(start + i if copy else -1)
                     yq.append(j)
             start += len(t)
         Xs = np.concatenate(X) if X else np.zeros((0, self.embedding.dim), np.float32)

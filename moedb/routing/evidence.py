@@ -8,7 +8,8 @@ times the expert's size over its sample size (a sampled passage stands for that 
 a distribution ``P`` ``(n, E)``. The route's logits become ``z + weight_ * log(P + eps)``.
 
 ``weight_`` is fitted per file on question-like data (:meth:`fit`): pseudo-queries (the first words of
-sampled passages, scored with their own passage left out of the evidence) and the gate's logits for them,
+sampled passages; a pseudo-query that is a copy of its passage is scored with it left out of the evidence)
+and the gate's logits for them,
 choosing the weight and depth that classify them best (ties: the smaller weight). Where documents already look
 like queries (intent utterances) the gate wins there and the weight stays 0, so intent routing is the
 gate's alone; where they are passages, the evidence wins and carries the weight it earned.

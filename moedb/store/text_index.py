@@ -11,16 +11,14 @@ joined by ``OR`` (BM25 ranks passages that hold more and rarer words first), so 
 """
 from __future__ import annotations
 
-import re
 from typing import Optional, Sequence
 
 import numpy as np
 
-from ..text import STOPWORDS
+from ..text import content_words, words
 from .connection import CHUNK, Connection
 
 TABLE = "documents_fts"
-_WORD = re.compile(r"\w+", re.UNICODE)
 MAX_TERMS = 64  # a pasted page as a query keeps its first 64 words
 
 
@@ -28,9 +26,8 @@ def match_expression(text: str) -> str:
     """An FTS5 MATCH expression for the words of ``text`` (empty when it has none). Function words
     (:data:`moedb.text.STOPWORDS`) are left out unless the text has nothing else: they match nearly every
     passage, which costs time and adds nothing to the ranking."""
-    words = list(dict.fromkeys(w.lower() for w in _WORD.findall(text or "")))
-    words = ([w for w in words if w not in STOPWORDS] or words)[:MAX_TERMS]
-    return " OR ".join(f'"{w}"' for w in words)
+    terms = (content_words(text) or words(text))[:MAX_TERMS]
+    return " OR ".join(f'"{w}"' for w in terms)
 
 
 class TextIndex:
