@@ -6,6 +6,7 @@ two-topic file gets that paragraph.
 """
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 
@@ -172,6 +173,32 @@ def test_files_get_titles_and_reingesting_gives_the_same_ids(db, tmp_path):
     db.add_expert("again", files=[str(f)], chunk_tokens=64, overlap=16)
     assert [(d["id"], d["text"], d["metadata"]) for d in db.documents("again")] == \
         [(d["id"], d["text"], d["metadata"]) for d in docs]
+
+
+def test_a_jsonl_line_over_the_limit_becomes_parts_within_it_and_loses_nothing(db, embedder, tmp_path):
+    long = " ".join(f"Clause {i} of the pension rules sets the contribution for year {1990 + i}." for i in range(90))
+    f = tmp_path / "docs.jsonl"
+    f.write_text(json.dumps({"id": "short", "text": "A short passage on pensions."}) + "\n" +
+                 json.dumps({"id": "rules", "text": long, "metadata": {"kind": "law"}}) + "\n" +
+                 json.dumps({"text": long}) + "\n")
+    assert embedder.count_tokens([long])[0] > embedder.max_tokens  # (it would be cut short when embedded)
+    db.add_expert("pensions", files=[str(f)], overlap=0)
+    docs = {d["id"]: d for d in db.documents("pensions")}
+    assert docs["short"]["text"] == "A short passage on pensions." and docs["short"]["metadata"] == {}
+    parts = [docs[f"rules#{k}"] for k in range(1, 1 + docs["rules#1"]["metadata"]["parts"])]
+    assert len(parts) >= 2 and "rules" not in docs
+    assert all(p["metadata"] == {"kind": "law", "part_of": "rules", "part": k, "parts": len(parts)}
+               for k, p in enumerate(parts, 1))
+    assert max(embedder.count_tokens([p["text"] for p in parts])) <= embedder.max_tokens
+    assert " ".join(p["text"] for p in parts).split() == long.split()  # no overlap asked: nothing lost or repeated
+    anonymous = sorted((d for d in docs.values() if d["metadata"].get("part_of", "") is None),
+                       key=lambda d: d["metadata"]["part"])
+    assert [d["id"] for d in anonymous] == [f"{f}#2#{k}" for k in range(1, len(parts) + 1)]
+    # the last clause, only in the tail of the line, is found
+    hit = db.search("the contribution for year 2079", k=1, experts=["pensions"])[0]
+    assert hit.id.startswith(("rules#", f"{f}#2#")) and "2079" in hit.text
+    db.add_expert("again", files=[str(f)], overlap=0)  # the same parts and ids again
+    assert sorted(d["id"] for d in db.documents("again")) == sorted(docs)
 
 
 def test_yaml_expert_files_take_chunk_tokens_and_overlap_and_reapply_is_unchanged(db, tmp_path):

@@ -5,8 +5,10 @@ markdown headings as titles, overlap), or, given ``chunk_size``, paragraph-aware
 ``chunk_size`` characters (paragraphs are packed together; an overlong paragraph is
 split at sentence ends, then hard-split; a passage over the embedder's limit is then cut by tokens).
 ``.jsonl`` files give one document per line
-(``text`` field required, optional ``id`` and ``metadata``). Which files are read, and how safely,
-is :mod:`.files`.
+(``text`` field required, optional ``id`` and ``metadata``); a line whose text is over the embedder's limit
+(``Sizes.max_tokens``) would be cut short when embedded, so it becomes parts cut by tokens like a ``.txt``
+file's text: ids ``ID#1``, ``ID#2``... (a line without an id: ``FILE#LINE#1``...) and metadata ``part_of`` (the line's id, or ``None``), ``part`` and
+``parts``. Which files are read, and how safely, is :mod:`.files`.
 """
 from __future__ import annotations
 
@@ -91,11 +93,28 @@ def read_passages(path: str, chunk_size: Union[int, Sizes] = 1000) -> Iterator[P
             md = obj.get("metadata") or {}
             if not isinstance(md, dict):
                 raise FileProblem(f"{path}:{lineno}: \"metadata\" must be an object")
-            yield Passage(text=obj["text"], source=path, position=lineno - 1,
-                          id=str(obj["id"]) if obj.get("id") is not None else None, metadata=md)
+            doc_id = str(obj["id"]) if obj.get("id") is not None else None
+            yield from _record(obj["text"], path, lineno - 1, doc_id, md, chunk_size)
     else:
         sizes = chunk_size if isinstance(chunk_size, Sizes) else Sizes(chunk_size=chunk_size)
         pieces = (split_passages(content, sizes, markdown=path.lower().endswith(".md")) if sizes.chunk_size is None
                   else [Chunk(t, 0, 0, 0) for t in within_limit(split_text(content, sizes.chunk_size), sizes)])
         for i, piece in enumerate(pieces):
             yield Passage(text=piece.text, source=path, position=i, metadata=piece.metadata())
+
+
+def _record(text: str, path: str, position: int, doc_id: Optional[str], md: dict[str, Any],
+            sizes: Union[int, Sizes]) -> Iterator[Passage]:
+    """One ``.jsonl`` line: one passage, or its parts when its text is over the embedder's limit."""
+    s = sizes if isinstance(sizes, Sizes) else None
+    if s is None or s.count is None or s.max_tokens is None or s.count([text])[0] <= s.max_tokens:
+        yield Passage(text=text, source=path, position=position, id=doc_id, metadata=md)
+        return
+    if s.chunk_size is None:
+        parts = [c.text for c in split_passages(text, s)]
+    else:
+        parts = within_limit(split_text(text, s.chunk_size), s)
+    base = doc_id if doc_id is not None else f"{path}#{position}"  # (the id a line without one gets)
+    for k, part in enumerate(parts, 1):
+        yield Passage(text=part, source=path, position=position, id=f"{base}#{k}",
+                      metadata={**md, "part_of": doc_id, "part": k, "parts": len(parts)})
