@@ -85,3 +85,24 @@ def test_questions_reach_the_domain_holding_their_answer(tmp_path, shared_dir, e
         db.configure(passage_evidence=True)
         r = db.route(fixed[0], top_k=1, min_confidence=0.0, explain=True)
         assert "evidence" in r.experts[0].components
+
+
+def test_pseudo_queries_of_experts_larger_than_their_sample(tmp_path):
+    """Experts four times their share of the sample: pseudo-queries come from the whole expert (a quarter of
+    them from the sample), and with an embedder of vectors only each stands as its own passage's vector."""
+    rng = np.random.default_rng(3)
+    E, per, d = 4, 64, 16
+    centers = _unit(rng, E, d)
+    with moedb.connect(str(tmp_path / "v.moedb"), embedder=moedb.embed.VectorsOnly(d), log_queries=False) as db:
+        for e in range(E):
+            V = centers[e] + 0.5 * rng.normal(size=(per, d))
+            db.add_expert(f"e{e}", [{"id": f"{e}-{i}", "text": f"passage {i} of expert {e}"} for i in range(per)],
+                          vectors=V)
+        db.configure(evidence_sample=E * per // 4)
+        ev = db.evidence.current(db.gate.current())
+        assert ev.figures_["sample"] == E * per // 4 and np.allclose(ev.scale_, 4.0)
+        assert ev.figures_["pseudo_queries"] == E * per  # (400 // 4 = 100 per expert, capped at its 64)
+        # each pseudo-query is its own passage's vector (the gate, trained on them, classifies them)
+        assert ev.figures_["gate_accuracy"] > 0.6  # (one vector for all of them would give 0.25)
+        # and never finds itself: left out where it is in the sample
+        assert ev.figures_["accuracy_by_weight_depth"]["8.0@1"] < 1.0

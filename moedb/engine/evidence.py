@@ -21,7 +21,7 @@ from .embedding import FileEmbedder
 
 PSEUDO_WORDS = 12  # a pseudo-query is a passage's first words, about a question's length
 PSEUDO_QUERIES = 400  # pseudo-queries in all, spread over the experts (at least 2 each)
-RULE = 2  # the version of the fitting rule: a stored fit of an older rule (or another sample size) is refitted
+RULE = 3  # the version of the fitting rule: a stored fit of an older rule (or another sample size) is refitted
 COPY_SHARE = 0.5  # a pseudo-query holding at least this share of its passage's words is a copy of it
 
 
@@ -55,38 +55,51 @@ class EvidenceService:
         return ev
 
     def _fit(self, router) -> PassageEvidence:
+        """Sample, make pseudo-queries, fit.
+
+        A pseudo-query stands for a question whose answer is its passage. Its passage is drawn from the whole
+        expert, so it is in the evidence sample as often as a real question's answer is (the sample's share of
+        the expert), and then stays in it: a real question's answer is in the store too. A pseudo-query that
+        is (most of) its passage is a copy (short documents that are query examples, like intent utterances):
+        its passage is left out, as a new query is not in the store.
+        """
         rows = router.rows
         E = len(rows)
         per = max(8, int(self.catalog.settings.evidence_sample) // max(E, 1))
         per_q = max(1, PSEUDO_QUERIES // max(E, 1))
         every = max(1, E // PSEUDO_QUERIES)  # beyond PSEUDO_QUERIES experts: pseudo-queries of every n-th one
-        X, cols, scale, texts, source, yq = [], [], np.zeros(E), [], [], []
+        X, cols, scale, texts, source, yq, qvec, row_of = [], [], np.zeros(E), [], [], [], [], []
         start = 0
         for j, row in enumerate(rows):
-            _, t, v = self.store.documents.sample(row["id"], per)
+            asks = min(per_q, int(row["size"])) if j % every == 0 else 0
+            inside = min(asks, int(round(asks * min(1.0, per / max(int(row["size"]), 1)))))
+            # the first `per` rows of the expert's fixed random order are its sample; pseudo-queries are drawn
+            # from it in proportion, and from the rows after it for the rest
+            _, t, v = self.store.documents.sample(row["id"], per + asks - inside)
             if not len(t):
                 continue
-            X.append(v)
-            cols += [j] * len(t)
-            scale[j] = row["size"] / len(t)
-            for i in range(min(per_q, len(t)) if j % every == 0 else 0):
+            n = min(per, len(t))
+            X.append(v[:n])
+            cols += [j] * n
+            scale[j] = row["size"] / n
+            for i in list(range(inside)) + list(range(n, len(t))):
                 words = t[i].split()
-                if words:
-                    texts.append(" ".join(words[:PSEUDO_WORDS]))
-                    # a pseudo-query stands for a question whose answer is its passage: the passage stays in
-                    # the evidence, as a real question's answer is in the store. A pseudo-query that is (most
-                    # of) its passage is a copy (short documents that are query examples, like intent
-                    # utterances): its passage is left out, as a new query is not in the store.
-                    copy = min(PSEUDO_WORDS, len(words)) >= COPY_SHARE * len(words)
-                    source.append(start + i if copy else -1)
-                    yq.append(j)
-            start += len(t)
+                if not words:
+                    continue
+                texts.append(" ".join(words[:PSEUDO_WORDS]))
+                copy = min(PSEUDO_WORDS, len(words)) >= COPY_SHARE * len(words)
+                source.append(start + i if i < n and copy else -1)
+                row_of.append(start + i if i < n else -1)
+                qvec.append(v[i])
+                yq.append(j)
+            start += n
         Xs = np.concatenate(X) if X else np.zeros((0, self.embedding.dim), np.float32)
         src = np.asarray(source, np.int64)
         try:
             Vq = self.embedding.embed(texts) if texts else np.zeros((0, self.embedding.dim), np.float32)
             qtexts: Any = texts
-        except MoedbError:  # an embedder of vectors only: the sampled passages stand for the questions
-            Vq, qtexts = Xs[src], None
-        Zq = router.score(Vq, qtexts, None)[1] if len(src) else np.zeros((0, E))
+        except MoedbError:  # an embedder of vectors only: the passages stand for the questions (copies: left out)
+            Vq, qtexts = np.asarray(qvec, np.float32).reshape(-1, Xs.shape[1]), None
+            src = np.asarray(row_of, np.int64)
+        Zq = router.score(Vq, qtexts, None)[1] if len(yq) else np.zeros((0, E))
         return PassageEvidence().fit(Xs, np.asarray(cols, np.int64), scale, Zq, Vq, np.asarray(yq, np.int64), src)
