@@ -227,7 +227,8 @@ class Database:
         figures = self.gate.figures()
         ev = self.evidence.current(self.gate.current())
         if ev is not None:
-            figures["evidence"] = {k: ev.figures_[k] for k in ("weight", "depth", "sample") if k in ev.figures_}
+            figures["evidence"] = {k: ev.figures_[k] for k in ("weight", "depth", "sample", "scope_threshold")
+                                  if k in ev.figures_}
         return figures
 
     def router_figures(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from .embedding import FileEmbedder
 
 PSEUDO_WORDS = 12  # a pseudo-query is a passage's first words, about a question's length
 PSEUDO_QUERIES = 400  # pseudo-queries in all, spread over the experts (at least 2 each)
-RULE = 3  # the version of the fitting rule: a stored fit of an older rule (or another sample size) is refitted
+RULE = 4  # the version of the fitting rule: a stored fit of an older rule (or another sample size) is refitted
 COPY_SHARE = 0.5  # a pseudo-query holding at least this share of its passage's words is a copy of it
 
 
@@ -101,5 +101,9 @@ class EvidenceService:
         except MoedbError:  # an embedder of vectors only: the passages stand for the questions (copies: left out)
             Vq, qtexts = np.asarray(qvec, np.float32).reshape(-1, Xs.shape[1]), None
             src = np.asarray(row_of, np.int64)
-        Zq = router.score(Vq, qtexts, None)[1] if len(yq) else np.zeros((0, E))
-        return PassageEvidence().fit(Xs, np.asarray(cols, np.int64), scale, Zq, Vq, np.asarray(yq, np.int64), src)
+        scored = router.score(Vq, qtexts, None) if len(yq) else None
+        Zq = scored[1] if scored is not None else np.zeros((0, E))
+        st = self.catalog.settings
+        return PassageEvidence().fit(Xs, np.asarray(cols, np.int64), scale, Zq, Vq, np.asarray(yq, np.int64), src,
+                                     scope=scored[4] if scored is not None else None,
+                                     refuse_rate=float(st.refuse_rate), min_count=int(st.min_heldout))

@@ -84,7 +84,8 @@ class RouteService:
         A ``min_confidence`` (the call's, else the database's) is a plain confidence rule: abstain when the
         best expert is below it, keep every later expert that reaches it (``0.0`` keeps them all). Without
         one, the calibrated default applies: abstain when the query's scope is below the gate's calibrated
-        scope threshold; a later expert is kept only when it reaches the calibrated confidence threshold and
+        scope threshold (or, where the passage evidence carries weight, the lower threshold calibrated on its
+        pseudo-queries: questions score lower than passages); a later expert is kept only when it reaches the calibrated confidence threshold and
         ``min_relative_confidence`` x the best expert's confidence.
         """
         if explicit is None:
@@ -95,7 +96,13 @@ class RouteService:
         if router is None:
             return 0.0, None, rel
         ms = self.catalog.settings.min_scope
-        return float(router.gate.threshold_), float(router.gate.scope_threshold_ if ms is None else ms), rel
+        if ms is not None:
+            return float(router.gate.threshold_), float(ms), rel
+        scope_thr = float(router.gate.scope_threshold_)
+        ev = self.evidence.current(router) if self.evidence is not None else None
+        if ev is not None and np.isfinite(getattr(ev, "scope_threshold_", np.nan)):
+            scope_thr = min(scope_thr, float(ev.scope_threshold_))  # questions over passages (routing/evidence.py)
+        return float(router.gate.threshold_), scope_thr, rel
 
     def route(self, query: Union[str, np.ndarray], top_k: int = 2, k: int = 5,
               min_confidence: Optional[float] = None, *, log: Optional[bool] = None, explain: bool = False,

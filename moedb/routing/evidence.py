@@ -37,13 +37,19 @@ class PassageEvidence:
         self.eps = eps
 
     def fit(self, X: np.ndarray, cols: np.ndarray, scale: np.ndarray, Zq: np.ndarray, Vq: np.ndarray,
-            yq: np.ndarray, source: np.ndarray) -> "PassageEvidence":
+            yq: np.ndarray, source: np.ndarray, scope: Optional[np.ndarray] = None, refuse_rate: float = 0.02,
+            min_count: int = 30) -> "PassageEvidence":
         """Keep the sample and fit ``depth_`` and ``weight_``.
 
         ``X`` ``(m, d)`` unit vectors of the sampled passages, ``cols`` ``(m,)`` their expert column,
         ``scale`` ``(E,)`` each expert's passages per sampled passage; pseudo-queries: gate logits ``Zq``
         ``(p, E)``, unit vectors ``Vq`` ``(p, d)``, true columns ``yq`` ``(p,)`` and ``source`` ``(p,)``, the
         sample row each was taken from (left out of its own evidence; -1: none).
+        ``scope`` ``(p,)``: the gate's scope score of each pseudo-query. When the evidence earns a weight (the
+        documents are passages, not query examples) and there are at least ``min_count`` pseudo-queries,
+        ``scope_threshold_`` is their ``refuse_rate`` quantile: questions score a lower scope than the held-out
+        passages the gate calibrated its own threshold on, and the route takes the lower of the two, so that
+        about ``refuse_rate`` of in-scope *questions* are refused (else ``nan``: the gate's threshold alone).
         """
         self.X_ = np.ascontiguousarray(X, dtype=np.float32)
         self.cols_ = np.asarray(cols, dtype=np.int64)
@@ -64,7 +70,12 @@ class PassageEvidence:
                 self.depth_ = self.depths[0]
             self.figures_.update(gate_accuracy=acc[(0.0, self.depths[0])], pseudo_accuracy=best,
                                  accuracy_by_weight_depth={f"{w}@{d}": a for (w, d), a in acc.items()})
-        self.figures_.update(weight=self.weight_, depth=self.depth_)
+        self.scope_threshold_ = float("nan")
+        if scope is not None and self.weight_ > 0 and len(scope) >= max(1, min_count):
+            finite = np.asarray(scope, np.float64)[np.isfinite(scope)]
+            if len(finite) >= max(1, min_count):
+                self.scope_threshold_ = float(np.quantile(finite, refuse_rate))
+        self.figures_.update(weight=self.weight_, depth=self.depth_, scope_threshold=self.scope_threshold_)
         return self
 
     def distribution(self, Q: np.ndarray, exclude: Optional[np.ndarray] = None) -> np.ndarray:
@@ -97,7 +108,8 @@ class PassageEvidence:
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         np.savez(buf, format=np.array(FORMAT), X=self.X_, cols=self.cols_, scale=self.scale_,
-                 weight=np.array(self.weight_), depth=np.array(self.depth_), eps=np.array(self.eps))
+                 weight=np.array(self.weight_), depth=np.array(self.depth_), eps=np.array(self.eps),
+                 scope_threshold=np.array(self.scope_threshold_))
         return buf.getvalue()
 
     @classmethod
@@ -108,5 +120,7 @@ class PassageEvidence:
         ev = cls(eps=float(f["eps"]))
         ev.X_, ev.cols_, ev.scale_ = f["X"], f["cols"], f["scale"]
         ev.weight_, ev.depth_ = float(f["weight"]), int(f["depth"])
-        ev.figures_ = {"sample": int(len(ev.X_)), "weight": ev.weight_, "depth": ev.depth_}
+        ev.scope_threshold_ = float(f["scope_threshold"]) if "scope_threshold" in f.files else float("nan")
+        ev.figures_ = {"sample": int(len(ev.X_)), "weight": ev.weight_, "depth": ev.depth_,
+                       "scope_threshold": ev.scope_threshold_}
         return ev
