@@ -68,7 +68,7 @@ class EvidenceService:
         per = max(8, int(self.catalog.settings.evidence_sample) // max(E, 1))
         per_q = max(1, PSEUDO_QUERIES // max(E, 1))
         every = max(1, E // PSEUDO_QUERIES)  # beyond PSEUDO_QUERIES experts: pseudo-queries of every n-th one
-        X, cols, scale, texts, source, yq, qvec, row_of = [], [], np.zeros(E), [], [], [], [], []
+        X, cols, scale, texts, copy, yq, qvec, row_of = [], [], np.zeros(E), [], [], [], [], []
         start = 0
         for j, row in enumerate(rows):
             asks = min(per_q, int(row["size"])) if j % every == 0 else 0
@@ -87,20 +87,19 @@ class EvidenceService:
                 if not words:
                     continue
                 texts.append(" ".join(words[:PSEUDO_WORDS]))
-                copy = min(PSEUDO_WORDS, len(words)) >= COPY_SHARE * len(words)
-                source.append(start + i if i < n and copy else -1)
-                row_of.append(start + i if i < n else -1)
+                copy.append(min(PSEUDO_WORDS, len(words)) >= COPY_SHARE * len(words))
+                row_of.append(start + i if i < n else -1)  # (-1: not in the sample)
                 qvec.append(v[i])
                 yq.append(j)
             start += n
         Xs = np.concatenate(X) if X else np.zeros((0, self.embedding.dim), np.float32)
-        src = np.asarray(source, np.int64)
+        in_sample = np.asarray(row_of, np.int64)
+        src = np.where(np.asarray(copy, dtype=bool), in_sample, -1)
         try:
             Vq = self.embedding.embed(texts) if texts else np.zeros((0, self.embedding.dim), np.float32)
             qtexts: Any = texts
         except MoedbError:  # an embedder of vectors only: the passages stand for the questions (copies: left out)
-            Vq, qtexts = np.asarray(qvec, np.float32).reshape(-1, Xs.shape[1]), None
-            src = np.asarray(row_of, np.int64)
+            Vq, qtexts, src = np.asarray(qvec, np.float32).reshape(-1, Xs.shape[1]), None, in_sample
         scored = router.score(Vq, qtexts, None) if len(yq) else None
         Zq = scored[1] if scored is not None else np.zeros((0, E))
         st = self.catalog.settings

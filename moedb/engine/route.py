@@ -52,16 +52,15 @@ class RouteService:
             return 3 if router.tree.has_structure() and len(router.rows) >= 1000 else 0
         return int(b)
 
-    def _gate(self, Q: np.ndarray, texts: Optional[list[Optional[str]]]):
-        """Score queries ``(n, d)``: ``(router, components {name: (n, E)}, logits (n, E), conf (n, E), scored (n,),
-        scope (n,))``.
+    def _gate(self, router, ev, Q: np.ndarray, texts: Optional[list[Optional[str]]]):
+        """Score queries ``(n, d)`` with ``router`` and its passage evidence ``ev`` (either may be ``None``):
+        ``(components {name: (n, E)}, logits (n, E), conf (n, E), scored (n,), scope (n,))``.
 
         Candidates come from a beam over the tree, or hnswlib over the centroids, or all experts.
         """
-        router = self.gate.current()
         if router is None:
             z = np.zeros((len(Q), 0))
-            return None, {}, z, z, np.zeros(len(Q), dtype=np.int64), np.full(len(Q), -np.inf)
+            return {}, z, z, np.zeros(len(Q), dtype=np.int64), np.full(len(Q), -np.inf)
         width = self._beam_width(router)
         cands = None
         if width > 0:
@@ -69,15 +68,14 @@ class RouteService:
         elif router.ann is not None:
             cands = router.ann_candidates(Q, int(self.catalog.settings.ann_candidates))
         comps, z, conf, mask, scope = router.score(Q, texts, cands)
-        ev = self.evidence.current(router) if self.evidence is not None else None
         if ev is not None and ev.weight_:  # the experts holding the query's nearest passages (routing/evidence.py)
             extra = np.where(mask, ev.logits(Q), np.nan)
             comps = {**comps, "evidence": extra}
             z = np.where(mask, z + np.nan_to_num(extra), -np.inf)
             conf = softmax(z)
-        return router, comps, z, conf, mask.sum(axis=1), scope
+        return comps, z, conf, mask.sum(axis=1), scope
 
-    def _threshold(self, explicit: Optional[float], router) -> tuple[float, Optional[float], float]:
+    def _threshold(self, explicit: Optional[float], router, ev) -> tuple[float, Optional[float], float]:
         """``(confidence threshold, scope threshold or None, relative floor)``: the one place that decides
         when a route abstains and which experts after the best one are dropped.
 
@@ -85,8 +83,8 @@ class RouteService:
         best expert is below it, keep every later expert that reaches it (``0.0`` keeps them all). Without
         one, the calibrated default applies: abstain when the query's scope is below the gate's calibrated
         scope threshold (or, where the passage evidence carries weight, the lower threshold calibrated on its
-        pseudo-queries: questions score lower than passages); a later expert is kept only when it reaches the calibrated confidence threshold and
-        ``min_relative_confidence`` x the best expert's confidence.
+        pseudo-queries: questions score lower than passages); a later expert is kept only when it reaches the
+        calibrated confidence threshold and ``min_relative_confidence`` x the best expert's confidence.
         """
         if explicit is None:
             explicit = self.catalog.settings.min_confidence
@@ -99,8 +97,7 @@ class RouteService:
         if ms is not None:
             return float(router.gate.threshold_), float(ms), rel
         scope_thr = float(router.gate.scope_threshold_)
-        ev = self.evidence.current(router) if self.evidence is not None else None
-        if ev is not None and np.isfinite(getattr(ev, "scope_threshold_", np.nan)):
+        if ev is not None and np.isfinite(ev.scope_threshold_):
             scope_thr = min(scope_thr, float(ev.scope_threshold_))  # questions over passages (routing/evidence.py)
         return float(router.gate.threshold_), scope_thr, rel
 
@@ -140,11 +137,13 @@ class RouteService:
             return []
         texts, Q = encode_queries(self.embedding, list(queries))
         lex_texts: list[Optional[str]] = [t if t != "<vector>" else None for t in texts]
+        router = self.gate.current()
+        ev = self.evidence.current(router) if self.evidence is not None else None
         used = np.zeros(len(Q), dtype=bool)
         if ctx:
-            Q, lex_texts, used = self._with_context(Q, lex_texts, ctx)
-        router, comps, z, conf, scored, scope = self._gate(Q, [t or "" for t in lex_texts])
-        thr, scope_thr, rel = self._threshold(explicit, router)
+            Q, lex_texts, used = self._with_context(Q, lex_texts, ctx, router, ev)
+        comps, z, conf, scored, scope = self._gate(router, ev, Q, [t or "" for t in lex_texts])
+        thr, scope_thr, rel = self._threshold(explicit, router, ev)
         admit = scope >= scope_thr if scope_thr is not None else None
         n, E = conf.shape
         refused_by, exclude, z_sel = self._refusals(router, conf, z, thr, scope_thr)
@@ -228,7 +227,7 @@ class RouteService:
         for r, qid in zip(results, self.store.log.append(entries)):
             r.query_id = qid
 
-    def _with_context(self, Q: np.ndarray, texts: list[Optional[str]], context: list[str]
+    def _with_context(self, Q: np.ndarray, texts: list[Optional[str]], context: list[str], router, ev
                       ) -> tuple[np.ndarray, list[Optional[str]], np.ndarray]:
         """Each query read with the conversation or alone.
 
@@ -244,22 +243,21 @@ class RouteService:
         Returns the queries ``(n, d)``, their lexical texts and ``(n,)`` bool: the conversation was used.
         """
         Qm = mix_context(Q, self.embedding.embed(list(context)), float(self.catalog.settings.context_weight))
-        used = self._grounded_better(Qm, Q) | np.array(
+        used = _grounded_better(Qm, Q, router, ev) | np.array(
             [t is None or len(content_words(t)) <= ALONE_MAX_WORDS for t in texts], dtype=bool)
         Q2 = np.where(used[:, None], Qm, Q).astype(np.float32)
         return Q2, [((t + " " + context[-1]) if t is not None else context[-1]) if u else t
                     for t, u in zip(texts, used)], used
 
-    def _grounded_better(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
-        """``(n,)`` bool: the nearest reference vector of ``A[i]`` is closer than that of ``B[i]`` (``(n, d)``
-        each); the references are the passages sampled for the evidence, else the gate's centroids (all True
-        when there is no router yet)."""
-        router = self.gate.current()
-        if router is None:
-            return np.ones(len(A), dtype=bool)
-        ev = self.evidence.current(router) if self.evidence is not None else None
-        ref = ev.X_ if ev is not None and len(ev.X_) else router.gate.centroids_
-        return (A @ ref.T).max(axis=1) > (B @ ref.T).max(axis=1)
+
+def _grounded_better(A: np.ndarray, B: np.ndarray, router, ev) -> np.ndarray:
+    """``(n,)`` bool: the nearest reference vector of ``A[i]`` is closer than that of ``B[i]`` (``(n, d)`` each);
+    the references are the passages sampled for the evidence ``ev``, else the ``router``'s centroids (all True
+    when there is no router yet)."""
+    if router is None:
+        return np.ones(len(A), dtype=bool)
+    ref = ev.X_ if ev is not None and len(ev.X_) else router.gate.centroids_
+    return (A @ ref.T).max(axis=1) > (B @ ref.T).max(axis=1)
 
 
 def _dropped(router, conf: np.ndarray, sel: np.ndarray, top_k: int, thr: float, rel: float,

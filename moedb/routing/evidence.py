@@ -71,10 +71,9 @@ class PassageEvidence:
             self.figures_.update(gate_accuracy=acc[(0.0, self.depths[0])], pseudo_accuracy=best,
                                  accuracy_by_weight_depth={f"{w}@{d}": a for (w, d), a in acc.items()})
         self.scope_threshold_ = float("nan")
-        if scope is not None and self.weight_ > 0 and len(scope) >= max(1, min_count):
-            finite = np.asarray(scope, np.float64)[np.isfinite(scope)]
-            if len(finite) >= max(1, min_count):
-                self.scope_threshold_ = float(np.quantile(finite, refuse_rate))
+        finite = np.zeros(0) if scope is None else np.asarray(scope, np.float64)[np.isfinite(scope)]
+        if self.weight_ > 0 and len(finite) >= max(1, min_count):
+            self.scope_threshold_ = float(np.quantile(finite, refuse_rate))
         self.figures_.update(weight=self.weight_, depth=self.depth_, scope_threshold=self.scope_threshold_)
         return self
 
