@@ -100,3 +100,13 @@ class RouteResult:
         if self.explanation is not None:
             d["explanation"] = self.explanation
         return d
+
+
+def json_default(o: Any) -> Any:
+    """A NumPy scalar or array as the plain value JSON can carry (``json.dumps(..., default=json_default)``:
+    results and figures may hold them)."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

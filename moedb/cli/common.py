@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import typer
 
 from ..errors import MoedbError
+from ..types import json_default
 
 app = typer.Typer(help="moedb: an embedded mixture-of-experts retrieval engine in one SQLite file.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -97,17 +98,7 @@ def console():
 
 
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, default=json_default) + "\n")
 
 
 def bar(value: float, width: int = 20) -> str:

@@ -11,15 +11,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-
-def _default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+from ..types import json_default
 
 
 def finite(obj: Any) -> Any:
@@ -29,7 +21,7 @@ def finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [finite(v) for v in obj]
     if type(obj).__module__ == "numpy":
-        obj = _default(obj)
+        obj = json_default(obj)
         return finite(obj)
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
@@ -40,7 +32,7 @@ def dumps(obj: Any, ascii: bool = False) -> str:
     """One line of valid JSON (non-ASCII kept unless ``ascii``; NumPy values as plain numbers and lists;
     NaN and infinities, say an explanation's ``-inf`` of an expert no word matched, as ``null``)."""
     try:
-        return json.dumps(obj, ensure_ascii=ascii, separators=(",", ":"), default=_default, allow_nan=False)
+        return json.dumps(obj, ensure_ascii=ascii, separators=(",", ":"), default=json_default, allow_nan=False)
     except ValueError:
         return json.dumps(finite(obj), ensure_ascii=ascii, separators=(",", ":"), allow_nan=False)
 
