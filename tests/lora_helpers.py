@@ -7,9 +7,7 @@ put ``tests/`` on ``sys.path`` first.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import socket
 import subprocess
 import time
 import urllib.error
@@ -17,6 +15,7 @@ import urllib.request
 from typing import Optional, Sequence
 
 import numpy as np
+from processes import free_port, stop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
@@ -47,14 +46,6 @@ def write_lora(base: str, out: str, seed: int, rank: int = 4, alpha: float = 8.0
     w.write_tensors_to_file()
     w.close()
     return n
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def llama_server_binary() -> tuple[Optional[str], str]:
@@ -121,13 +112,8 @@ class LlamaServer:
         return rss_mb(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc)
         self.proc = None
 
     def __enter__(self) -> "LlamaServer":

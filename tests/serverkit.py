@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
 from typing import Iterator, Optional
 
 import httpx
+from processes import free_port, stop
 
 KEY_ENV = "MOEDB_TEST_API_KEY"
 KEY = "test-key-6f1c0e"
@@ -44,12 +44,6 @@ def make_db(path: str) -> str:
             db.add_expert(name, docs, description=f"questions about {name}")
         db.warm_router()
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -82,12 +76,7 @@ def running_server(db_path: str, key: Optional[str] = KEY, *args: str, timeout: 
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=20)
         log.close()
 
 

@@ -20,6 +20,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from processes import free_port, stop
 
 pytest.importorskip("openai", reason='the openai backend needs the openai package (pip install "moedb[openai]")')
 
@@ -27,14 +28,6 @@ from moedb.errors import ConfigError  # noqa: E402
 from moedb.generate import GenerationError, GenRequest, make_generator, validate_config  # noqa: E402
 
 KEY_ENV = "MOEDB_TEST_OPENAI_KEY"
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -110,7 +103,7 @@ def server(shared_dir, tmp_path_factory):
     """``base_url`` of a llama_cpp.server on stories260K (API key "s3cret"), stopped after the module."""
     pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is not installed")
     model = shared_dir / "models" / "stories260K.gguf"
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("srv") / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", "512", "--api_key", "s3cret", "--verbose", "False"],
@@ -131,11 +124,7 @@ def server(shared_dir, tmp_path_factory):
             pytest.fail(f"llama_cpp.server did not start: {log.read()[-2000:]}")
         time.sleep(0.3)
     yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc)
     log.close()
 
 
@@ -233,7 +222,7 @@ def test_missing_sdk_names_the_extra(stub, key, monkeypatch):
 
 
 def test_down_and_hanging_servers_retry_then_fail(key):
-    port = _free_port()
+    port = free_port()
     g = _gen(f"http://127.0.0.1:{port}/v1", retries=2, retry_backoff=0.05)
     t0 = time.perf_counter()
     with pytest.raises(GenerationError, match=r"connection refused.*\(3 attempts\)") as e:
@@ -259,7 +248,7 @@ def test_experts_on_a_server_through_ask(db, stub, key):
            "mode": "completion"}
     db.add_expert("kids", ["Lily liked to play with her ball in the park."], generator=cfg)
     db.add_expert("pirates", ["The pirate ship sailed on the big sea."],
-                  generator={**cfg, "base_url": f"http://127.0.0.1:{_free_port()}/v1", "retries": 1,
+                  generator={**cfg, "base_url": f"http://127.0.0.1:{free_port()}/v1", "retries": 1,
                              "retry_backoff": 0.01})
     pieces: list[str] = []
     a = db.ask("What did Lily play with?", top_k=2, strategy="concatenate", stream=pieces.append,
