@@ -111,8 +111,11 @@ class Catalog:
             r["parent"] = names.get(r["parent_id"])
         return rows
 
-    def require(self, name: str) -> dict[str, Any]:
-        """The current row of expert ``name``; :class:`UnknownExpert` if there is none."""
+    def require(self, name: Any) -> dict[str, Any]:
+        """The current row of expert ``name``; :class:`UnknownExpert` if there is none (a name that is not a
+        string, such as a number or a NaN that cannot even be hashed, names none)."""
+        if not isinstance(name, str):
+            raise UnknownExpert(repr(name))
         self.refresh()
         row = self.by_name.get(name)
         if row is None:

@@ -39,15 +39,6 @@ def check_name(name: Any, what: str = "expert name") -> str:
     return name
 
 
-
-def require(catalog: Catalog, name: Any) -> dict[str, Any]:
-    """The catalog row of expert ``name``: :class:`UnknownExpert` unless it names one (a name that is not a
-    string, such as a number or a NaN that cannot even be hashed, names none)."""
-    if not isinstance(name, str):
-        raise UnknownExpert(repr(name))
-    return catalog.require(name)
-
-
 def check_refuse(refuse: Any, parent: Optional[str]) -> bool:
     """The refusal role as bool; a refusal expert has no parent."""
     if not isinstance(refuse, (bool, np.bool_)):
@@ -162,7 +153,7 @@ class ExpertEditor:
 
     def expert(self, name: str) -> Expert:
         """One expert by name; raises :class:`UnknownExpert`."""
-        return to_expert(require(self.catalog, name))
+        return to_expert(self.catalog.require(name))
 
     def check_parent(self, parent: Optional[str], child: Optional[str] = None) -> Optional[int]:
         """The id of ``parent`` if it can be the parent (of ``child``: no cycle); ``None`` for no parent."""
@@ -222,7 +213,7 @@ class ExpertEditor:
     def update_expert(self, name: str, *, description: Optional[str] = None, keywords: Optional[Sequence[str]] = None,
                       parent: Any = ..., metadata: Optional[dict] = None, refuse: Optional[bool] = None) -> Expert:
         """Change an expert's description, keywords, parent (``None`` detaches), metadata or refusal role."""
-        row = require(self.catalog, name)
+        row = self.catalog.require(name)
         fields: dict[str, Any] = {}
         if refuse is not None or parent is not ...:  # the role and the parent as they will be
             will_refuse = check_refuse(row["refuse"] if refuse is None else refuse,
@@ -245,7 +236,7 @@ class ExpertEditor:
 
     def remove_expert(self, name: str) -> None:
         """Delete an expert and its documents; its children become roots."""
-        row = require(self.catalog, name)
+        row = self.catalog.require(name)
         self.store.experts.delete(row["id"])
         self.catalog.touch()
 
@@ -257,8 +248,9 @@ class ExpertEditor:
         have no text (stored as ``""``: routing uses their vectors, retrieval returns their id and metadata);
         their id is the given one, else a hash of the vector.
         """
-        if documents is None and vectors is not None:
-            documents = [{} for _ in range(len(as_matrix(vectors, self.embedding.dim, what="vectors")))]
+        V = as_matrix(vectors, self.embedding.dim, what="vectors") if vectors is not None else None
+        if documents is None and V is not None:
+            documents = [{} for _ in range(len(V))]
         if documents is None:
             raise InvalidInput("documents: give documents (texts or dicts with 'text'), or vectors= for documents "
                                "without text")
@@ -283,11 +275,10 @@ class ExpertEditor:
                 raise InvalidInput(f"document #{i}: expected str or dict with 'text', got {type(d).__name__}")
             check_metadata(md, f"document #{i}: metadata")
             check_document_fields(i, did, src, pos)
-            if text is None and vectors is not None:
+            if text is None and V is not None:
                 text = ""  # a document known by its vector only
                 if did is None:
-                    v = as_matrix(vectors, self.embedding.dim, what="vectors")
-                    did = hashlib.sha1(v[i].tobytes()).hexdigest()[:16] if i < len(v) else None
+                    did = hashlib.sha1(V[i].tobytes()).hexdigest()[:16] if i < len(V) else None
             elif not isinstance(text, str) or not text.strip():
                 raise InvalidInput(f"document #{i}: empty text" + ("" if vectors is not None else
                                    " (documents without text need vectors=)"))
@@ -301,11 +292,10 @@ class ExpertEditor:
         if len(set(ids)) != len(ids):
             dup = next(x for x in ids if ids.count(x) > 1)
             raise InvalidInput(f"document id {dup!r} appears twice in this call")
-        if vectors is not None:
-            v = as_matrix(vectors, self.embedding.dim, what="vectors")
-            if v.shape[0] != len(rows):
-                raise InvalidInput(f"{v.shape[0]} vectors given for {len(rows)} documents")
-            return rows, normalize(v)
+        if V is not None:
+            if V.shape[0] != len(rows):
+                raise InvalidInput(f"{V.shape[0]} vectors given for {len(rows)} documents")
+            return rows, normalize(V)
         return rows, self.embedding.embed_batches([r[1] for r in rows], progress, batch)
 
     def add_documents(self, name: str, documents: Optional[Sequence[Document]] = None,
@@ -315,7 +305,7 @@ class ExpertEditor:
         for documents given by their vectors only)."""
         if on_conflict not in ("error", "skip", "replace"):
             raise InvalidInput(f"on_conflict must be error, skip or replace, not {on_conflict!r}")
-        row = require(self.catalog, name)
+        row = self.catalog.require(name)
         prepared = self.prepare(documents, vectors, progress)
         n = self.store.documents.insert(row["id"], *prepared, on_conflict=on_conflict)
         self.catalog.touch()
@@ -326,7 +316,7 @@ class ExpertEditor:
                   progress: Progress = None) -> int:
         """Split files (or directories of .txt/.md/.jsonl) into passages (:meth:`sizes`) and add them in one
         transaction."""
-        require(self.catalog, name)
+        self.catalog.require(name)
         return self.add_documents(name, passages_of(paths, self.sizes(chunk_size, chunk_tokens, overlap)),
                                   on_conflict=on_conflict, progress=progress)
 
@@ -341,7 +331,7 @@ class ExpertEditor:
 
     def remove_documents(self, name: str, ids: Sequence[str]) -> int:
         """Remove documents by id; returns how many were removed."""
-        row = require(self.catalog, name)
+        row = self.catalog.require(name)
         if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, set, frozenset)):
             raise InvalidInput(f"ids must be a list of document ids, got {type(ids).__name__}")
         for j, x in enumerate(ids):
@@ -355,5 +345,5 @@ class ExpertEditor:
         for arg, value in (("limit", limit), ("offset", offset)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (-1 if arg == "limit" else 0):
                 raise InvalidInput(f"{arg} must be an integer >= {-1 if arg == 'limit' else 0}, got {value!r}")
-        row = require(self.catalog, name)
+        row = self.catalog.require(name)
         return [{k: v for k, v in d.items() if k != "rowid"} for d in self.store.documents.list(row["id"], limit, offset)]

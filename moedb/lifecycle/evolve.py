@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..engine.catalog import Catalog
-from ..engine.experts import check_name, require
+from ..engine.experts import check_name
 from ..engine.gate import GateService
 from ..errors import ConcurrentChange, DuplicateExpert, InvalidInput
 from ..routing.kmeans import choose_clusters, unit_rows
@@ -68,7 +68,7 @@ class Evolution:
                    seed: int) -> dict[str, Any]:
         """Check a split and cluster the expert's documents (read from one snapshot; writes nothing)."""
         with self.store.snapshot():
-            row = require(self.catalog, name)
+            row = self.catalog.require(name)
             ids, X = self.catalog.expert_docs(row)
         if row.get("refuse"):
             raise InvalidInput(f"{name!r} is a refusal expert: it is not split (it has no children)")
@@ -153,7 +153,7 @@ class Evolution:
         if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
             raise InvalidInput("names must be a non-empty list of expert names")
         check_name(into, "target name")
-        rows = [require(self.catalog, x) for x in names]  # (first: a name that is not a string names no expert)
+        rows = [self.catalog.require(x) for x in names]  # (first: a name that is not a string names no expert)
         if len(set(names)) != len(names):
             raise InvalidInput("an expert is named twice in the merge")
         roles = {bool(r.get("refuse")) for r in rows}
@@ -222,7 +222,7 @@ class Evolution:
 
     def rename_expert(self, old: str, new: str) -> dict[str, Any]:
         """Rename an expert; its id, documents, children, feedback and log references stay."""
-        row = require(self.catalog, old)
+        row = self.catalog.require(old)
         check_name(new, "new name")
         if new != old:
             self.store.experts.update(row["id"], name=new)

@@ -15,7 +15,6 @@ import numpy as np
 
 from ..engine.catalog import Catalog
 from ..engine.embedding import FileEmbedder
-from ..engine.experts import require
 from ..engine.gate import GateService
 from ..engine.route import RouteService
 from ..errors import FileProblem, InvalidInput, MoedbError
@@ -48,7 +47,7 @@ class FeedbackService:
         ignored). Returns ``{"id", "key", "query_id", "expert", "reward", "already_present"}``.
         """
         r = check_reward(reward)
-        row = require(self.catalog, expert)
+        row = self.catalog.require(expert)
         when = parse_time(time) if time is not None else _time.time()
         if isinstance(query_id, str):
             if not query_id.strip():
