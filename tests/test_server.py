@@ -263,3 +263,13 @@ def test_serve_command_refuses_bad_options_with_one_line(served, tmp_path, args,
     assert out.returncode == 1, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], out.stderr
+
+
+def test_a_busy_database_is_503_with_retry_after():
+    from moedb.errors import DatabaseBusy, InvalidInput
+    from moedb.server.errors import classify
+
+    # the store turns SQLite's busy error into DatabaseBusy, a MoedbError: still "busy", not a 422
+    assert classify(DatabaseBusy("the write lock was held too long")) == (
+        503, "busy", "the database is busy; retry shortly", {"Retry-After": "1"})
+    assert classify(InvalidInput("top_k must be >= 1"))[:2] == (422, "invalid_input")

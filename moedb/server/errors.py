@@ -57,11 +57,12 @@ def classify(exc: BaseException) -> tuple[int, str, str, dict[str, str] | None]:
     """``(status, error.type, message, headers)`` for any exception an endpoint lets out."""
     if isinstance(exc, ServiceError):
         return exc.status, exc.type, exc.message, exc.headers
+    # (before the table: DatabaseBusy is a MoedbError, and the store raises it for SQLite's busy errors)
+    if isinstance(exc, (errors.DatabaseBusy, apsw.BusyError, apsw.LockedError)):
+        return 503, "busy", "the database is busy; retry shortly", {"Retry-After": "1"}
     for cls, status, type_ in STATUS:
         if isinstance(exc, cls):
             return status, type_, str(exc), None
-    if isinstance(exc, (apsw.BusyError, apsw.LockedError)):
-        return 503, "busy", "the database is busy; retry shortly", {"Retry-After": "1"}
     log.error("internal error", exc_info=exc)
     return 500, "internal_error", "internal error (see the server's log)", None
 
