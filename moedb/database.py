@@ -218,13 +218,17 @@ class Database:
         return self.retrieval.search(query, k, experts, retrieval=retrieval, explain=explain)
 
     def refit_router(self, recalibrate: bool = True) -> dict[str, Any]:
-        """Refit the gate now (a full calibration unless ``recalibrate=False``); returns its figures."""
-        return self.gate.refit(recalibrate)
+        """Refit the gate now (a full calibration unless ``recalibrate=False``), and the passage evidence that
+        goes with it, so that the next route does not pay for it; returns the gate's figures."""
+        return self._with_evidence(self.gate.refit(recalibrate))
 
     def warm_router(self) -> dict[str, Any]:
         """Do now what the next route would do (load the stored gate, or refit it after changes), so that
         route does not pay for it (the passage evidence too); returns the gate's figures."""
-        figures = self.gate.figures()
+        return self._with_evidence(self.gate.figures())
+
+    def _with_evidence(self, figures: dict[str, Any]) -> dict[str, Any]:
+        """Fit (or load) the current gate's passage evidence; its figures join ``figures["evidence"]``."""
         ev = self.evidence.current(self.gate.current())
         if ev is not None:
             figures["evidence"] = {k: ev.figures_[k] for k in ("weight", "depth", "sample", "scope_threshold")
