@@ -32,14 +32,21 @@ REFIT_OPT = typer.Option(True, "--refit/--no-refit",
                          help="Fit the router now, so the next `moedb route` does not pay for it.")
 
 
+def existing_db(path: str) -> str:
+    """``path`` (the ``--db``) when it names a database; else the error every command gives."""
+    if path != ":memory:" and not os.path.exists(path):
+        raise MoedbError(f"no database at {path!r} (run `moedb init` or pass --db)")
+    return path
+
+
 @contextlib.contextmanager
 def open_db(ctx: typer.Context, must_exist: bool = True) -> Iterator[Any]:
     """Open the database named by ``--db``; a missing file is an error except for ``init``. A command that
     created the file and then failed (say ``add-expert`` on an empty folder) leaves no file behind."""
     path = ctx.obj["db"]
     existed = path == ":memory:" or os.path.exists(path)
-    if must_exist and not existed:
-        raise MoedbError(f"no database at {path!r} (run `moedb init` or pass --db)")
+    if must_exist:
+        existing_db(path)
     import moedb
 
     db = moedb.connect(path)

@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import ConfigError, MoedbError
-from .common import app
+from ..errors import ConfigError
+from .common import app, existing_db
 
 
 @app.command()
@@ -43,9 +43,7 @@ def serve(ctx: typer.Context,
         raise ConfigError(f"--port must be in 0..65535, got {port}")
     if not max_body_mb > 0:
         raise ConfigError(f"--max-body-mb must be positive, got {max_body_mb}")
-    path = ctx.obj["db"]
-    if path != ":memory:" and not os.path.exists(path):
-        raise MoedbError(f"no database at {path!r} (run `moedb init` or pass --db)")
+    path = existing_db(ctx.obj["db"])
     application = create_app(path, api_key=key, cors_origins=list(cors_origin or []), readers=readers,
                              max_body=int(max_body_mb * 1024 * 1024))
     typer.echo(f"moedb serve: {path} on http://{host}:{port} (dashboard at /, API under /v1"

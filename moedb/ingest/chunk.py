@@ -97,10 +97,15 @@ def read_passages(path: str, chunk_size: Union[int, Sizes] = 1000) -> Iterator[P
             yield from _record(obj["text"], path, lineno - 1, doc_id, md, chunk_size)
     else:
         sizes = chunk_size if isinstance(chunk_size, Sizes) else Sizes(chunk_size=chunk_size)
-        pieces = (split_passages(content, sizes, markdown=path.lower().endswith(".md")) if sizes.chunk_size is None
-                  else [Chunk(t, 0, 0, 0) for t in within_limit(split_text(content, sizes.chunk_size), sizes)])
-        for i, piece in enumerate(pieces):
+        for i, piece in enumerate(_pieces(content, sizes, markdown=path.lower().endswith(".md"))):
             yield Passage(text=piece.text, source=path, position=i, metadata=piece.metadata())
+
+
+def _pieces(text: str, sizes: Sizes, markdown: bool = False) -> list[Chunk]:
+    """``text`` cut by tokens, or by ``sizes.chunk_size`` characters and then within the token limit."""
+    if sizes.chunk_size is None:
+        return split_passages(text, sizes, markdown=markdown)
+    return [Chunk(t, 0, 0, 0) for t in within_limit(split_text(text, sizes.chunk_size), sizes)]
 
 
 def _record(text: str, path: str, position: int, doc_id: Optional[str], md: dict[str, Any],
@@ -110,10 +115,7 @@ def _record(text: str, path: str, position: int, doc_id: Optional[str], md: dict
     if s is None or s.count is None or s.max_tokens is None or s.count([text])[0] <= s.max_tokens:
         yield Passage(text=text, source=path, position=position, id=doc_id, metadata=md)
         return
-    if s.chunk_size is None:
-        parts = [c.text for c in split_passages(text, s)]
-    else:
-        parts = within_limit(split_text(text, s.chunk_size), s)
+    parts = [c.text for c in _pieces(text, s)]
     base = doc_id if doc_id is not None else f"{path}#{position}"  # (the id a line without one gets)
     for k, part in enumerate(parts, 1):
         yield Passage(text=part, source=path, position=position, id=f"{base}#{k}",
