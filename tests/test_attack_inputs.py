@@ -6,10 +6,9 @@ Each class runs a short hypothesis search in the default run and a long one mark
 its counts (see ``attack_tally``)."""
 from __future__ import annotations
 
-import datetime
+import decimal
 import json
 import math
-import os
 import pathlib
 import tempfile
 
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import moedb
+from moedb.text import is_unicode
 from moedb.errors import MoedbError
 
 from attack_tally import Tally, content_digest, integrity_ok
@@ -276,16 +276,30 @@ def test_the_value_strategies_reach_the_classes_of_the_attack():
     """The strategies above cover what the attack used: dates, NaN, bytes, deep nesting, surrogates."""
     seen = set()
 
+    def walk(v, depth=0):
+        seen.add(type(v).__name__)
+        if (isinstance(v, float) and math.isnan(v)) or (isinstance(v, decimal.Decimal) and v.is_nan()):
+            seen.add("nan")
+        if isinstance(v, str) and not is_unicode(v):
+            seen.add("surrogate")
+        if depth > 40:
+            seen.add("deep")
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(k, depth + 1)
+                walk(x, depth + 1)
+        elif isinstance(v, (list, tuple, frozenset)):
+            for x in v:
+                walk(x, depth + 1)
+
     @settings(max_examples=300, derandomize=True, database=None)
     @given(any_value)
     def probe(v):
-        seen.add(type(v).__name__)
-        if isinstance(v, float) and math.isnan(v):
-            seen.add("nan")
+        walk(v)
 
     probe()
-    assert {"date", "bytes", "list", "dict"} <= seen
-    assert isinstance(datetime.date(2024, 1, 1), datetime.date) and os.sep
+    assert {"date", "datetime", "bytes", "list", "tuple", "dict", "nan", "surrogate", "Decimal", "deep"} <= seen, seen
 
 
 def test_a_lone_surrogate_in_a_context_turn_or_a_cli_query_is_a_moedb_error(db_path, embedder, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 import moedb
 from conftest import run_cli
+from processes import free_port
 from moedb.routing.calibration import small_scope_threshold
 from moedb.routing.gating import select
 
@@ -176,13 +177,7 @@ def test_ask_never_answers_from_a_dropped_expert(tmp_path, embedder):
     d.add_expert("ships", ["Sailors measure speed in knots.", "The ship sailed across the stormy ocean.",
                            "A lighthouse warns ships of the rocks."])
     # a generator that fails when asked: an OpenAI-compatible server on a closed port (no extra missing)
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    d.set_generator("cats", {"backend": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "retries": 0})
+    d.set_generator("cats", {"backend": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1", "retries": 0})
     a = d.ask("Once upon a time a cat", strategy="best_only")
     assert [e["name"] for e in a.experts] == ["cats"]
     assert "knots" not in a.text and all(c.expert != "ships" for c in a.contributions)
