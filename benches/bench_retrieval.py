@@ -168,6 +168,10 @@ def main() -> None:
                        ("another question of its domain", {k: [str(rng.choice(v))] for k, v in same.items()}),
                        ("a question of another domain", {k: [str(rng.choice(v))] for k, v in other.items()})):
         use = multi if label == "earlier turns in the set" else queries
+        if label == "no context":  # the row measured above: route(q, top_k=2, k=10, min_confidence=0.0), hybrid
+            conv[label] = (next(r[1] for r in rows if r[0] == "routed top_k=2 hybrid (gate + passage evidence)"),
+                           len(use))
+            continue
         n = 0.0
         for q in use:
             if isinstance(ctx, str):  # the follow-up is asked, with or without the question before it
