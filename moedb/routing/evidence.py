@@ -74,12 +74,8 @@ class PassageEvidence:
         finite = np.zeros(0) if scope is None else np.asarray(scope, np.float64)[np.isfinite(scope)]
         if self.weight_ > 0 and len(finite) >= max(1, min_count):
             self.scope_threshold_ = float(np.quantile(finite, refuse_rate))
-        self.figures_.update(weight=self.weight_, depth=self.depth_, scope_threshold=self._scope_figure())
+        self.figures_.update(weight=self.weight_, depth=self.depth_, scope_threshold=_figure(self.scope_threshold_))
         return self
-
-    def _scope_figure(self) -> Optional[float]:
-        """``scope_threshold_`` as a figure (``None`` when there is none: JSON has no NaN)."""
-        return self.scope_threshold_ if np.isfinite(self.scope_threshold_) else None
 
     def distribution(self, Q: np.ndarray, exclude: Optional[np.ndarray] = None) -> np.ndarray:
         """``P`` ``(n, E)``: each expert's share of the evidence among the query's nearest sampled passages
@@ -125,5 +121,10 @@ class PassageEvidence:
         ev.weight_, ev.depth_ = float(f["weight"]), int(f["depth"])
         ev.scope_threshold_ = float(f["scope_threshold"]) if "scope_threshold" in f.files else float("nan")
         ev.figures_ = {"sample": int(len(ev.X_)), "weight": ev.weight_, "depth": ev.depth_,
-                       "scope_threshold": ev._scope_figure()}
+                       "scope_threshold": _figure(ev.scope_threshold_)}
         return ev
+
+
+def _figure(threshold: float) -> Optional[float]:
+    """A scope threshold as a figure: ``None`` when there is none (JSON has no NaN)."""
+    return threshold if np.isfinite(threshold) else None
